@@ -1,0 +1,167 @@
+"""Checkpoints: safetensors weights plus a JSON config, written atomically.
+
+A run directory holds ``config.json`` (enough to rebuild the model and its schedule),
+``model.safetensors``, ``ema.safetensors`` and ``optimizer.safetensors``. Every file is written
+to a temporary file, fsynced and renamed over the old one, so a crash never leaves a torn file.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from .errors import InkwashError
+from .schedule import NoiseSchedule, ScheduleConfig
+from .unet import UNet, UNetConfig
+
+FORMAT = "inkwash"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write data to path via a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise InkwashError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InkwashError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer state_dict into tensors plus JSON-able metadata (no pickle)."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value)
+    return tensors, {"param_groups": json.dumps(state["param_groups"])}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as handle:
+        groups = json.loads(handle.metadata()["param_groups"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    config: dict,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Write weights first and config.json last, each atomically."""
+    run_dir = Path(run_dir)
+    if optimizer is not None:
+        tensors, metadata = optimizer_tensors(optimizer)
+        save_tensors(run_dir / OPTIMIZER_FILE, tensors, metadata)
+    save_tensors(run_dir / MODEL_FILE, model.state_dict())
+    save_tensors(run_dir / EMA_FILE, ema.state_dict())
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
+
+
+def read_config(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise InkwashError(f"checkpoint directory not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise InkwashError(f"--checkpoint must be a run directory, got a file: {run_dir}")
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise InkwashError(f"not an inkwash run directory (no {CONFIG_FILE}): {run_dir}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InkwashError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise InkwashError(f"{path} is not an inkwash checkpoint config")
+    return config
+
+
+def build_from_config(config: dict) -> tuple[UNet, NoiseSchedule]:
+    try:
+        unet_config = UNetConfig.from_dict(config["unet"])
+        schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InkwashError(f"checkpoint config is invalid: {exc}") from None
+    return UNet(unet_config), schedule
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    tensors = load_tensors(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, "
+                  f"{len(mismatched)} wrong-shaped tensors")
+        raise InkwashError(f"{path} does not match the model in config.json ({detail})")
+    model.load_state_dict(tensors)
+
+
+def load_model(run_dir: str | Path, use_ema: bool = True) -> tuple[UNet, NoiseSchedule, dict]:
+    """Rebuild the network and schedule from a run directory and load its (EMA) weights."""
+    config = read_config(run_dir)
+    model, schedule = build_from_config(config)
+    load_weights(model, Path(run_dir) / (EMA_FILE if use_ema else MODEL_FILE))
+    model.eval()
+    return model, schedule, config

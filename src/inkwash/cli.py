@@ -1,0 +1,238 @@
+"""The ``inkwash`` command line: a thin, validating layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import InkwashError
+
+DESCRIPTION = "inkwash: train and sample image diffusion models (DDPM family)."
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _t_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1000 for v in values):
+        raise argparse.ArgumentTypeError(f"t values must be integers in 0..1000, got {text!r}")
+    return values
+
+
+def _sampler_name(text: str) -> str:
+    from .samplers import get_sampler
+
+    try:
+        return get_sampler(text).id
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> Parser:
+    from .schedule import BETA_SCHEDULES
+    from .steps import STEP_SCHEDULES
+    from .unet import PRESETS
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = Parser(prog="inkwash", description=DESCRIPTION, formatter_class=fmt,
+                    epilog="example:\n  inkwash demo --out demo_out --minutes 5")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    train = sub.add_parser(
+        "train", help="train a model", formatter_class=fmt,
+        description="Train an epsilon-prediction UNet (Ho et al. 2020) on images.",
+        epilog="example:\n  inkwash train --data digits --out runs/digits --steps 3000",
+    )
+    train.add_argument("--data", required=True, help="'digits' or a folder of images (searched recursively)")
+    train.add_argument("--out", required=True, help="run directory for checkpoints, log and pictures")
+    train.add_argument("--preset", default="digits", choices=list(PRESETS), help="UNet preset (default: %(default)s)")
+    train.add_argument("--steps", type=_positive_int, default=3000, help="optimizer steps (default: %(default)s)")
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
+    train.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    train.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels (default: the preset's)")
+    train.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
+    train.add_argument("--beta-schedule", default="linear", choices=list(BETA_SCHEDULES), help="(default: %(default)s)")
+    train.add_argument("--warmup-steps", type=_nonneg_int, default=100, help="linear learning-rate warm-up (default: %(default)s)")
+    train.add_argument("--ema-decay", type=_nonneg_float, default=0.999, help="(default: %(default)s)")
+
+    sample = sub.add_parser(
+        "sample", help="sample images from a trained run", formatter_class=fmt,
+        description="Sample images from a run directory written by 'inkwash train'. Writes one PNG per "
+                    "image, grid.png, samples.npz (uint8 N x H x W x C under 'samples') and reverse.png.",
+        epilog="example:\n  inkwash sample --checkpoint runs/digits --out samples --sampler ddim --steps 50 --num-images 64",
+    )
+    sample.add_argument("--checkpoint", required=True, help="run directory with config.json and weights")
+    sample.add_argument("--out", required=True, help="output directory")
+    sample.add_argument("--sampler", type=_sampler_name, default="ddim", help="ddpm or ddim (default: %(default)s)")
+    sample.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: 1000 for ddpm, 50 for ddim)")
+    sample.add_argument("--schedule", default="trailing", choices=list(STEP_SCHEDULES), help="step schedule (default: %(default)s)")
+    sample.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM stochasticity; 1 = DDPM posterior (default: %(default)s)")
+    sample.add_argument("--variance", default="beta_tilde", choices=["beta_tilde", "beta"], help="DDPM variance (default: %(default)s)")
+    sample.add_argument("--num-images", type=_positive_int, default=64, help="(default: %(default)s)")
+    sample.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
+    sample.add_argument("--seed", type=_nonneg_int, default=0, help="image i uses seed S+i (default: %(default)s)")
+    sample.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+
+    noise = sub.add_parser(
+        "noise", help="draw the forward-noising strip", formatter_class=fmt,
+        description="Noise real images to several steps t in one closed-form computation each.",
+        epilog="example:\n  inkwash noise --data digits --out noising.png --t 0,100,200,500,1000",
+    )
+    source = noise.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file")
+    source.add_argument("--data", choices=["digits"], help="use four digits")
+    noise.add_argument("--out", required=True, help="output PNG")
+    noise.add_argument("--t", type=_t_list, default=list(range(0, 1001, 100)), help="comma-separated steps in 0..1000 (default: 0,100,...,1000)")
+    noise.add_argument("--image-size", type=_positive_int, default=64, help="side for --image (default: %(default)s)")
+    noise.add_argument("--beta-schedule", default="linear", choices=list(BETA_SCHEDULES), help="(default: %(default)s)")
+    noise.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
+
+    demo = sub.add_parser(
+        "demo", help="train on digits, sample, and write every picture", formatter_class=fmt,
+        description="Train the digits preset within a time budget, sample it, and write the pictures.",
+        epilog="example:\n  inkwash demo --out demo_out --minutes 5",
+    )
+    demo.add_argument("--out", default="demo_out", help="output directory (default: %(default)s)")
+    demo.add_argument("--minutes", type=_positive_float, default=5.0, help="training time budget (default: %(default)s)")
+    demo.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data, out=args.out, preset=args.preset, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, beta_schedule=args.beta_schedule,
+        warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+    )
+    result = train(config)
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.images_per_sec:.0f} images/s); "
+          f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; checkpoint in {result.run_dir}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .run_sampling import SampleOptions, sample_run
+
+    options = SampleOptions(
+        checkpoint=args.checkpoint, out=args.out, sampler=args.sampler, steps=args.steps,
+        schedule=args.schedule, eta=args.eta, variance=args.variance, num_images=args.num_images,
+        batch_size=args.batch_size, seed=args.seed, use_ema=not args.no_ema,
+    )
+    summary = sample_run(options)
+    print(f"wrote {summary['num_images']} images to {args.out} with {summary['sampler']} "
+          f"({summary['steps']} steps, {summary['nfe']} model evaluations per image)")
+
+
+def cmd_noise(args: argparse.Namespace) -> None:
+    import torch
+    from PIL import Image
+
+    from .data import load_digits, prepare_image, to_unit_range
+    from .pictures import noising_strip, save_png
+    from .schedule import NoiseSchedule, ScheduleConfig
+
+    if args.image:
+        path = Path(args.image)
+        if not path.is_file():
+            raise InkwashError(f"image not found: {path}")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                array = prepare_image(image, 3, args.image_size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise InkwashError(f"cannot read image {path}: {exc}") from None
+        images = to_unit_range(array[None])
+    else:
+        data = load_digits(16)
+        images = torch.stack([data.images[(data.labels == d).nonzero()[0, 0]] for d in range(4)])
+    schedule = NoiseSchedule(ScheduleConfig(beta_schedule=args.beta_schedule))
+    strip = noising_strip(schedule, images, args.t, torch.Generator().manual_seed(args.seed))
+    save_png(strip, _output_file(args.out))
+    print(f"wrote {args.out}")
+
+
+def _output_file(path: str) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise InkwashError(f"--out must be a file name, got a directory: {out}")
+    if out.suffix.lower() != ".png":
+        raise InkwashError(f"--out must end in .png, got {out}")
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, minutes=args.minutes, seed=args.seed)
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "noise": cmd_noise, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except InkwashError as exc:
+        print(f"inkwash {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"inkwash {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+

@@ -1,0 +1,73 @@
+"""``inkwash demo``: train on digits within a time budget, sample, and write every picture."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_text
+from .data import load_digits
+from .pictures import noising_strip, save_png
+from .run_sampling import SampleOptions, sample_run
+from .schedule import NoiseSchedule
+from .train import LOSS_CURVE_FILE, TrainConfig, train
+
+
+def run_demo(out: str | Path = "demo_out", minutes: float = 5.0, seed: int = 0) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = load_digits(16)
+
+    print("1/4 the forward process: noising real digits (noising.png)")
+    examples = torch.stack([data.images[(data.labels == d).nonzero()[0, 0]] for d in range(10)])
+    save_png(noising_strip(NoiseSchedule(), examples, list(range(0, 1001, 100)),
+                           torch.Generator().manual_seed(seed)), out / "noising.png")
+
+    print(f"2/4 training the digits preset for up to {minutes:g} minutes")
+    run_dir = out / "run"
+    config = TrainConfig(data="digits", out=str(run_dir), preset="digits", steps=100_000,
+                         batch_size=64, lr=1e-3, seed=seed, checkpoint_every=1000,
+                         time_limit=minutes * 60)
+    result = train(config, data=data)
+
+    print("3/4 sampling 100 digits with DDIM, 50 steps (samples/)")
+    ddim = sample_run(SampleOptions(checkpoint=str(run_dir), out=str(out / "samples"), sampler="ddim",
+                                    steps=50, num_images=100, batch_size=100, seed=seed))
+    print("4/4 sampling 16 digits with DDPM over all 1000 steps (samples_ddpm/)")
+    ddpm = sample_run(SampleOptions(checkpoint=str(run_dir), out=str(out / "samples_ddpm"),
+                                    sampler="ddpm", steps=1000, num_images=16, batch_size=16,
+                                    seed=seed))
+    summary = {
+        "train_steps": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        "train_images_per_sec": round(result.images_per_sec, 1),
+        "parameters": result.num_parameters,
+        "loss_first": round(result.first_loss, 4),
+        "loss_final": round(result.final_loss, 4),
+        "ddim_nfe": ddim["nfe"],
+        "ddpm_nfe": ddpm["nfe"],
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "pictures": {
+            "forward noising": str(out / "noising.png"),
+            "loss curve": str(run_dir / LOSS_CURVE_FILE),
+            "DDIM samples": str(out / "samples" / "grid.png"),
+            "DDIM reverse process": str(out / "samples" / "reverse.png"),
+            "DDPM samples": str(out / "samples_ddpm" / "grid.png"),
+            "DDPM reverse process": str(out / "samples_ddpm" / "reverse.png"),
+        },
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"trained {result.steps} steps ({result.num_parameters:,} parameters) in "
+        f"{result.seconds:.0f}s at {result.images_per_sec:.0f} images/s; "
+        f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}",
+        f"DDIM: {ddim['nfe']} model evaluations per image; DDPM: {ddpm['nfe']}",
+        *[f"  {name}: {path}" for name, path in summary["pictures"].items()],
+        f"total {summary['total_seconds']:.0f}s; summary in {out / 'summary.json'}",
+    ]
+    print("\n".join(lines))
+    return summary

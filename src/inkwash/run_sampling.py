@@ -1,0 +1,101 @@
+"""``inkwash sample``: load a run, sample with a chosen sampler and step schedule, write files."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes, atomic_write_text, load_model
+from .data import to_uint8
+from .denoiser import EpsDenoiser
+from .errors import InkwashError
+from .pictures import reverse_strip, sample_grid, save_png
+from .sampling import generate
+from .samplers import get_sampler
+from .steps import build_sigmas
+
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
+
+
+@dataclass
+class SampleOptions:
+    checkpoint: str
+    out: str
+    sampler: str = "ddim"
+    steps: int | None = None
+    schedule: str = "trailing"
+    eta: float = 0.0
+    variance: str = "beta_tilde"
+    num_images: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    use_ema: bool = True
+    strip_points: int = 8
+    show_progress: bool = True
+
+
+def sampler_options(sampler: str, eta: float, variance: str) -> dict:
+    if sampler == "ddim":
+        return {"eta": eta}
+    if sampler == "ddpm":
+        return {"variance": variance}
+    return {}
+
+
+def savez_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def sample_run(options: SampleOptions) -> dict:
+    """Sample ``options.num_images`` images and write PNGs, grid.png, samples.npz, reverse.png."""
+    info = get_sampler(options.sampler)
+    model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
+    steps = options.steps or DEFAULT_STEPS.get(info.id, 50)
+    if steps > schedule.num_steps:
+        raise InkwashError(f"--steps must be at most {schedule.num_steps}, got {steps}")
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise InkwashError(f"--out must be a directory, got a file: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    sigmas = build_sigmas(schedule, steps, options.schedule)
+    denoiser = EpsDenoiser(model, schedule)
+    record = sorted({round(i * (steps - 1) / max(1, options.strip_points - 1))
+                     for i in range(options.strip_points)})
+    shape = tuple(config["data"]["shape"])
+
+    def write_batch(start: int, images: torch.Tensor) -> None:
+        from PIL import Image
+
+        for offset, pixels in enumerate(to_uint8(images)):
+            image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+            save_png(image, out / f"{start + offset:06d}.png")
+
+    result = generate(
+        denoiser, shape, sigmas, sampler=info.id, num_images=options.num_images,
+        batch_size=options.batch_size, seed=options.seed,
+        sampler_options=sampler_options(info.id, options.eta, options.variance),
+        record=record, show_progress=options.show_progress, on_batch=write_batch,
+    )
+    atomic_write_bytes(out / "samples.npz", savez_bytes(samples=to_uint8(result.images)))
+    save_png(sample_grid(result.images), out / "grid.png")
+    save_png(reverse_strip(result.trajectory, result.images), out / "reverse.png")
+    summary = {
+        "sampler": info.id,
+        "schedule": options.schedule,
+        "steps": steps,
+        "nfe": result.nfe,
+        "num_images": options.num_images,
+        "seed": options.seed,
+        "checkpoint_step": config.get("step"),
+        "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
+    }
+    atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")
+    return summary

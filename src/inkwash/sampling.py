@@ -1,0 +1,90 @@
+"""Drive a sampler over a run of images: per-sample seeds, batching and model-evaluation counts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .denoiser import Denoiser
+from .progress import progress
+from .rng import SampleRNG, sample_seeds
+from .samplers import get_sampler
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its evaluations (NFE: one per call, whatever the batch)."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        self.calls = 0
+
+    def __call__(self, x, sigma, cond=None):
+        self.calls += 1
+        return self.denoiser(x, sigma, cond)
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    nfe: int  # model evaluations per image
+    trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def prior_sample(rng: SampleRNG, shape: Sequence[int], sigma_max: float) -> torch.Tensor:
+    """x at sigma_max: DDPM's N(0, I) prior expressed in the x0 + sigma*eps convention."""
+    return rng.randn(shape) * math.sqrt(1.0 + sigma_max**2)
+
+
+def generate(
+    denoiser: Denoiser,
+    image_shape: Sequence[int],
+    sigmas: torch.Tensor,
+    *,
+    sampler: str = "ddim",
+    num_images: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    sampler_options: dict | None = None,
+    record: Sequence[int] = (),
+    show_progress: bool = True,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
+) -> SampleResult:
+    """Sample ``num_images`` images; image i uses seed ``seed + i`` for all of its noise.
+
+    ``record`` lists step indices at which (sigma, x, denoised) of the first batch are kept,
+    for the reverse-process strip.
+    """
+    info = get_sampler(sampler)
+    options = dict(sampler_options or {})
+    counter = CountingDenoiser(denoiser)
+    chunks: list[torch.Tensor] = []
+    trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+    record_set = set(record)
+    total_steps = len(sigmas) - 1
+    bar = progress(total=num_images * total_steps, desc=f"sampling ({info.id})", unit="step",
+                   disable=not show_progress)
+    for start in range(0, num_images, batch_size):
+        count = min(batch_size, num_images - start)
+        rng = SampleRNG(sample_seeds(seed, count, start), device=device)
+        x = prior_sample(rng, image_shape, float(sigmas[0])).to(device)
+
+        def callback(state: dict, first: bool = start == 0, count: int = count) -> None:
+            bar.update(count)
+            if first and state["i"] in record_set:
+                trajectory.append((state["sigma"], state["x"].cpu(), state["denoised"].cpu()))
+
+        calls_before = counter.calls
+        out = info.fn(counter, x, sigmas.to(device), noise=lambda x=x, rng=rng: rng.randn_like(x),
+                      callback=callback, **options)
+        nfe = counter.calls - calls_before
+        out = out.clamp(-1, 1).cpu()
+        if on_batch is not None:
+            on_batch(start, out)
+        chunks.append(out)
+    bar.close()
+    images = torch.cat(chunks) if chunks else torch.empty(0, *image_shape)
+    return SampleResult(images=images, nfe=nfe if chunks else 0, trajectory=trajectory)
