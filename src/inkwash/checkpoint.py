@@ -152,8 +152,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, "
-                  f"{len(mismatched)} wrong-shaped tensors")
+        detail = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong-shaped tensors"
         raise InkwashError(f"{path} does not match the model in config.json ({detail})")
     model.load_state_dict(tensors)
 

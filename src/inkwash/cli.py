@@ -84,13 +84,19 @@ def build_parser() -> Parser:
     from .unet import PRESETS
 
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = Parser(prog="inkwash", description=DESCRIPTION, formatter_class=fmt,
-                    epilog="example:\n  inkwash demo --out demo_out --minutes 5")
+    parser = Parser(
+        prog="inkwash",
+        description=DESCRIPTION,
+        formatter_class=fmt,
+        epilog="example:\n  inkwash demo --out demo_out --minutes 5",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
     train = sub.add_parser(
-        "train", help="train a model", formatter_class=fmt,
+        "train",
+        help="train a model",
+        formatter_class=fmt,
         description="Train an epsilon-prediction UNet (Ho et al. 2020) on images.",
         epilog="example:\n  inkwash train --data digits --out runs/digits --steps 3000",
     )
@@ -100,33 +106,53 @@ def build_parser() -> Parser:
     train.add_argument("--steps", type=_positive_int, default=3000, help="optimizer steps (default: %(default)s)")
     train.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
     train.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: %(default)s)")
-    train.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels (default: the preset's)")
+    train.add_argument(
+        "--image-size", type=_positive_int, default=None, help="image side in pixels (default: the preset's)"
+    )
     train.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
-    train.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
+    train.add_argument(
+        "--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints (default: %(default)s)"
+    )
     train.add_argument("--beta-schedule", default="linear", choices=list(BETA_SCHEDULES), help="(default: %(default)s)")
-    train.add_argument("--warmup-steps", type=_nonneg_int, default=100, help="linear learning-rate warm-up (default: %(default)s)")
+    train.add_argument(
+        "--warmup-steps", type=_nonneg_int, default=100, help="linear learning-rate warm-up (default: %(default)s)"
+    )
     train.add_argument("--ema-decay", type=_nonneg_float, default=0.999, help="(default: %(default)s)")
 
     sample = sub.add_parser(
-        "sample", help="sample images from a trained run", formatter_class=fmt,
+        "sample",
+        help="sample images from a trained run",
+        formatter_class=fmt,
         description="Sample images from a run directory written by 'inkwash train'. Writes one PNG per "
-                    "image, grid.png, samples.npz (uint8 N x H x W x C under 'samples') and reverse.png.",
-        epilog="example:\n  inkwash sample --checkpoint runs/digits --out samples --sampler ddim --steps 50 --num-images 64",
+        "image, grid.png, samples.npz (uint8 N x H x W x C under 'samples') and reverse.png.",
+        epilog="example:\n"
+        "  inkwash sample --checkpoint runs/digits --out samples --sampler ddim --steps 50 --num-images 64",
     )
     sample.add_argument("--checkpoint", required=True, help="run directory with config.json and weights")
     sample.add_argument("--out", required=True, help="output directory")
     sample.add_argument("--sampler", type=_sampler_name, default="ddim", help="ddpm or ddim (default: %(default)s)")
-    sample.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: 1000 for ddpm, 50 for ddim)")
-    sample.add_argument("--schedule", default="trailing", choices=list(STEP_SCHEDULES), help="step schedule (default: %(default)s)")
-    sample.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM stochasticity; 1 = DDPM posterior (default: %(default)s)")
-    sample.add_argument("--variance", default="beta_tilde", choices=["beta_tilde", "beta"], help="DDPM variance (default: %(default)s)")
+    sample.add_argument(
+        "--steps", type=_positive_int, default=None, help="sampler steps (default: 1000 for ddpm, 50 for ddim)"
+    )
+    sample.add_argument(
+        "--schedule", default="trailing", choices=list(STEP_SCHEDULES), help="step schedule (default: %(default)s)"
+    )
+    sample.add_argument(
+        "--eta", type=_nonneg_float, default=0.0, help="DDIM stochasticity; 1 = DDPM posterior (default: %(default)s)"
+    )
+    sample.add_argument(
+        "--variance", default="beta_tilde", choices=["beta_tilde", "beta"], help="DDPM variance (default: %(default)s)"
+    )
     sample.add_argument("--num-images", type=_positive_int, default=64, help="(default: %(default)s)")
     sample.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
     sample.add_argument("--seed", type=_nonneg_int, default=0, help="image i uses seed S+i (default: %(default)s)")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sample.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] at each step")
 
     noise = sub.add_parser(
-        "noise", help="draw the forward-noising strip", formatter_class=fmt,
+        "noise",
+        help="draw the forward-noising strip",
+        formatter_class=fmt,
         description="Noise real images to several steps t in one closed-form computation each.",
         epilog="example:\n  inkwash noise --data digits --out noising.png --t 0,100,200,500,1000",
     )
@@ -134,18 +160,27 @@ def build_parser() -> Parser:
     source.add_argument("--image", help="an image file")
     source.add_argument("--data", choices=["digits"], help="use four digits")
     noise.add_argument("--out", required=True, help="output PNG")
-    noise.add_argument("--t", type=_t_list, default=list(range(0, 1001, 100)), help="comma-separated steps in 0..1000 (default: 0,100,...,1000)")
+    noise.add_argument(
+        "--t",
+        type=_t_list,
+        default=list(range(0, 1001, 100)),
+        help="comma-separated steps in 0..1000 (default: 0,100,...,1000)",
+    )
     noise.add_argument("--image-size", type=_positive_int, default=64, help="side for --image (default: %(default)s)")
     noise.add_argument("--beta-schedule", default="linear", choices=list(BETA_SCHEDULES), help="(default: %(default)s)")
     noise.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
 
     demo = sub.add_parser(
-        "demo", help="train on digits, sample, and write every picture", formatter_class=fmt,
+        "demo",
+        help="train on digits, sample, and write every picture",
+        formatter_class=fmt,
         description="Train the digits preset within a time budget, sample it, and write the pictures.",
         epilog="example:\n  inkwash demo --out demo_out --minutes 5",
     )
     demo.add_argument("--out", default="demo_out", help="output directory (default: %(default)s)")
-    demo.add_argument("--minutes", type=_positive_float, default=5.0, help="training time budget (default: %(default)s)")
+    demo.add_argument(
+        "--minutes", type=_positive_float, default=5.0, help="training time budget (default: %(default)s)"
+    )
     demo.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
     return parser
 
@@ -154,27 +189,48 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
     config = TrainConfig(
-        data=args.data, out=args.out, preset=args.preset, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, beta_schedule=args.beta_schedule,
-        warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+        data=args.data,
+        out=args.out,
+        preset=args.preset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        image_size=args.image_size,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        beta_schedule=args.beta_schedule,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
     )
     result = train(config)
-    print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.images_per_sec:.0f} images/s); "
-          f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; checkpoint in {result.run_dir}")
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f}s ({result.images_per_sec:.0f} images/s); "
+        f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; checkpoint in {result.run_dir}"
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .run_sampling import SampleOptions, sample_run
 
     options = SampleOptions(
-        checkpoint=args.checkpoint, out=args.out, sampler=args.sampler, steps=args.steps,
-        schedule=args.schedule, eta=args.eta, variance=args.variance, num_images=args.num_images,
-        batch_size=args.batch_size, seed=args.seed, use_ema=not args.no_ema,
+        checkpoint=args.checkpoint,
+        out=args.out,
+        sampler=args.sampler,
+        steps=args.steps,
+        schedule=args.schedule,
+        eta=args.eta,
+        variance=args.variance,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        use_ema=not args.no_ema,
+        clip_denoised=not args.no_clip,
     )
     summary = sample_run(options)
-    print(f"wrote {summary['num_images']} images to {args.out} with {summary['sampler']} "
-          f"({summary['steps']} steps, {summary['nfe']} model evaluations per image)")
+    print(
+        f"wrote {summary['num_images']} images to {args.out} with {summary['sampler']} "
+        f"({summary['steps']} steps, {summary['nfe']} model evaluations per image)"
+    )
 
 
 def cmd_noise(args: argparse.Namespace) -> None:
@@ -235,4 +291,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"inkwash {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
-

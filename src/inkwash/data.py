@@ -49,10 +49,7 @@ def load_digits(image_size: int = 16) -> ImageData:
     bunch = sklearn_digits()
     raw = (bunch.images / 16.0 * 255.0).round().astype(np.uint8)  # (N, 8, 8), ink is bright
     if image_size != 8:
-        raw = np.stack(
-            [np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
-             for im in raw]
-        )
+        raw = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in raw])
     return ImageData(
         images=to_unit_range(raw[..., None]),
         labels=torch.from_numpy(bunch.target.astype(np.int64)),
@@ -94,12 +91,12 @@ def load_folder(path: str | Path, channels: int, image_size: int, show_progress:
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             skipped += 1
     if skipped:
-        print(f"warning: skipped {skipped} unreadable file(s) of {len(files)} in {root}",
-              file=sys.stderr)
+        print(f"warning: skipped {skipped} unreadable file(s) of {len(files)} in {root}", file=sys.stderr)
     if not arrays:
         raise InkwashError(f"no readable images in {root} ({len(files)} file(s) tried)")
-    return ImageData(images=to_unit_range(np.stack(arrays)), labels=None, class_names=None,
-                     source=str(root), skipped=skipped)
+    return ImageData(
+        images=to_unit_range(np.stack(arrays)), labels=None, class_names=None, source=str(root), skipped=skipped
+    )
 
 
 def load_data(spec: str, channels: int, image_size: int, show_progress: bool = True) -> ImageData:

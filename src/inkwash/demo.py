@@ -24,23 +24,50 @@ def run_demo(out: str | Path = "demo_out", minutes: float = 5.0, seed: int = 0) 
 
     print("1/4 the forward process: noising real digits (noising.png)")
     examples = torch.stack([data.images[(data.labels == d).nonzero()[0, 0]] for d in range(10)])
-    save_png(noising_strip(NoiseSchedule(), examples, list(range(0, 1001, 100)),
-                           torch.Generator().manual_seed(seed)), out / "noising.png")
+    save_png(
+        noising_strip(NoiseSchedule(), examples, list(range(0, 1001, 100)), torch.Generator().manual_seed(seed)),
+        out / "noising.png",
+    )
 
     print(f"2/4 training the digits preset for up to {minutes:g} minutes")
     run_dir = out / "run"
-    config = TrainConfig(data="digits", out=str(run_dir), preset="digits", steps=100_000,
-                         batch_size=64, lr=1e-3, seed=seed, checkpoint_every=1000,
-                         time_limit=minutes * 60)
+    config = TrainConfig(
+        data="digits",
+        out=str(run_dir),
+        preset="digits",
+        steps=100_000,
+        batch_size=64,
+        lr=1e-3,
+        seed=seed,
+        checkpoint_every=1000,
+        time_limit=minutes * 60,
+    )
     result = train(config, data=data)
 
     print("3/4 sampling 100 digits with DDIM, 50 steps (samples/)")
-    ddim = sample_run(SampleOptions(checkpoint=str(run_dir), out=str(out / "samples"), sampler="ddim",
-                                    steps=50, num_images=100, batch_size=100, seed=seed))
+    ddim = sample_run(
+        SampleOptions(
+            checkpoint=str(run_dir),
+            out=str(out / "samples"),
+            sampler="ddim",
+            steps=50,
+            num_images=100,
+            batch_size=100,
+            seed=seed,
+        )
+    )
     print("4/4 sampling 16 digits with DDPM over all 1000 steps (samples_ddpm/)")
-    ddpm = sample_run(SampleOptions(checkpoint=str(run_dir), out=str(out / "samples_ddpm"),
-                                    sampler="ddpm", steps=1000, num_images=16, batch_size=16,
-                                    seed=seed))
+    ddpm = sample_run(
+        SampleOptions(
+            checkpoint=str(run_dir),
+            out=str(out / "samples_ddpm"),
+            sampler="ddpm",
+            steps=1000,
+            num_images=16,
+            batch_size=16,
+            seed=seed,
+        )
+    )
     summary = {
         "train_steps": result.steps,
         "train_seconds": round(result.seconds, 1),

@@ -17,9 +17,7 @@ from .schedule import NoiseSchedule
 
 
 class Denoiser(Protocol):
-    def __call__(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -43,11 +41,21 @@ class EpsDenoiser(nn.Module):
         sigma = _per_sample(sigma, x)  # (B,)
         c_in = (1.0 / (1.0 + sigma**2).sqrt()).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
         t = self.schedule.sigma_to_t(sigma.cpu()).to(device=x.device, dtype=torch.float32)
-        return self.network(x * c_in, t, cond).to(x.dtype)
+        dtype = next(self.network.parameters(), x).dtype
+        return self.network((x * c_in).to(dtype), t, cond).to(x.dtype)
 
-    def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         eps = self.predict_eps(x, sigma, cond)
         sigma = _per_sample(sigma, x).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
         return x - sigma * eps  # (B, C, H, W)
+
+
+class ClampedDenoiser:
+    """Clip the denoised estimate to the data range at every step, as DDPM and DDIM do by default
+    (Ho et al. 2020's ``clip_denoised``; diffusers' ``clip_sample``)."""
+
+    def __init__(self, denoiser: Denoiser, low: float = -1.0, high: float = 1.0) -> None:
+        self.denoiser, self.low, self.high = denoiser, low, high
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.denoiser(x, sigma, cond).clamp(self.low, self.high)

@@ -98,12 +98,14 @@ def noising_strip(
     return tile(rows, col_labels=[f"t={t}" for t in ts])
 
 
-def reverse_strip(trajectory: Sequence[tuple[float, torch.Tensor, torch.Tensor]],
-                  final: torch.Tensor, num_images: int = 4) -> Image.Image:
+def reverse_strip(
+    trajectory: Sequence[tuple[float, torch.Tensor, torch.Tensor]], final: torch.Tensor, num_images: int = 4
+) -> Image.Image:
     """The noise being removed: for each image, a row of x_t (variance-preserving scale) and a row
     of the predicted x0 at the recorded steps, ending with the final sample."""
     rows, labels = [], []
-    for i in range(min(num_images, final.shape[0])):
+    available = min([final.shape[0]] + [x.shape[0] for _, x, _ in trajectory])
+    for i in range(min(num_images, available)):
         xs = [x[i] / math.sqrt(1.0 + sigma**2) for sigma, x, _ in trajectory] + [final[i]]
         x0s = [d[i] for _, _, d in trajectory] + [final[i]]
         rows += [to_uint8(torch.stack(xs)), to_uint8(torch.stack(x0s))]

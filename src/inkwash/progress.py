@@ -7,7 +7,17 @@ import sys
 from tqdm import tqdm
 
 
-def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,
-             **kwargs) -> tqdm:
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1, **kwargs)
+def progress(
+    iterable=None, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False, **kwargs
+) -> tqdm:
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        **kwargs,
+    )

@@ -27,8 +27,7 @@ class SampleRNG:
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(len(seeds), *shape) standard normal draws."""
         return torch.stack(
-            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
-             for g in self.generators]
+            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
         )
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,11 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_model
 from .data import to_uint8
-from .denoiser import EpsDenoiser
+from .denoiser import ClampedDenoiser, EpsDenoiser
 from .errors import InkwashError
 from .pictures import reverse_strip, sample_grid, save_png
-from .sampling import generate
 from .samplers import get_sampler
+from .sampling import generate
 from .steps import build_sigmas
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
@@ -35,6 +35,7 @@ class SampleOptions:
     batch_size: int = 64
     seed: int = 0
     use_ema: bool = True
+    clip_denoised: bool = True
     strip_points: int = 8
     show_progress: bool = True
 
@@ -67,8 +68,9 @@ def sample_run(options: SampleOptions) -> dict:
 
     sigmas = build_sigmas(schedule, steps, options.schedule)
     denoiser = EpsDenoiser(model, schedule)
-    record = sorted({round(i * (steps - 1) / max(1, options.strip_points - 1))
-                     for i in range(options.strip_points)})
+    if options.clip_denoised:
+        denoiser = ClampedDenoiser(denoiser)
+    record = sorted({round(i * (steps - 1) / max(1, options.strip_points - 1)) for i in range(options.strip_points)})
     shape = tuple(config["data"]["shape"])
 
     def write_batch(start: int, images: torch.Tensor) -> None:
@@ -79,10 +81,17 @@ def sample_run(options: SampleOptions) -> dict:
             save_png(image, out / f"{start + offset:06d}.png")
 
     result = generate(
-        denoiser, shape, sigmas, sampler=info.id, num_images=options.num_images,
-        batch_size=options.batch_size, seed=options.seed,
+        denoiser,
+        shape,
+        sigmas,
+        sampler=info.id,
+        num_images=options.num_images,
+        batch_size=options.batch_size,
+        seed=options.seed,
         sampler_options=sampler_options(info.id, options.eta, options.variance),
-        record=record, show_progress=options.show_progress, on_batch=write_batch,
+        record=record,
+        show_progress=options.show_progress,
+        on_batch=write_batch,
     )
     atomic_write_bytes(out / "samples.npz", savez_bytes(samples=to_uint8(result.images)))
     save_png(sample_grid(result.images), out / "grid.png")

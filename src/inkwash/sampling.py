@@ -65,8 +65,7 @@ def generate(
     trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = []
     record_set = set(record)
     total_steps = len(sigmas) - 1
-    bar = progress(total=num_images * total_steps, desc=f"sampling ({info.id})", unit="step",
-                   disable=not show_progress)
+    bar = progress(total=num_images * total_steps, desc=f"sampling ({info.id})", unit="step", disable=not show_progress)
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         rng = SampleRNG(sample_seeds(seed, count, start), device=device)
@@ -78,8 +77,9 @@ def generate(
                 trajectory.append((state["sigma"], state["x"].cpu(), state["denoised"].cpu()))
 
         calls_before = counter.calls
-        out = info.fn(counter, x, sigmas.to(device), noise=lambda x=x, rng=rng: rng.randn_like(x),
-                      callback=callback, **options)
+        out = info.fn(
+            counter, x, sigmas.to(device), noise=lambda x=x, rng=rng: rng.randn_like(x), callback=callback, **options
+        )
         nfe = counter.calls - calls_before
         out = out.clamp(-1, 1).cpu()
         if on_batch is not None:

@@ -16,21 +16,14 @@ import torch
 BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
 
 
-def make_betas(
-    kind: str, num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> torch.Tensor:
+def make_betas(kind: str, num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Return the T betas of a named schedule, float64."""
     if kind == "linear":
         # Ho et al. 2020, Sec. 4: linear from 1e-4 to 0.02 (scaled here for T != 1000).
         return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     if kind == "scaled_linear":
         # Stable Diffusion: linear in sqrt(beta).
-        return (
-            torch.linspace(
-                math.sqrt(beta_start), math.sqrt(beta_end), num_steps, dtype=torch.float64
-            )
-            ** 2
-        )
+        return torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_steps, dtype=torch.float64) ** 2
     if kind == "cosine":
         # Nichol & Dhariwal 2021, Eq. 17, with s = 0.008 and betas clipped at 0.999.
         s = 0.008
@@ -134,9 +127,7 @@ class NoiseSchedule:
         noise_scale = (1 - alpha_bar).sqrt().to(x0.dtype).reshape(shape)
         return signal * x0 + noise_scale * noise
 
-    def posterior(
-        self, x0: torch.Tensor, x_t: torch.Tensor, t: int
-    ) -> tuple[torch.Tensor, float]:
+    def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, float]:
         """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, Eqs. 6-7), for t >= 1."""
         if not 1 <= t < self.num_steps:
             raise ValueError(f"posterior needs 1 <= t < {self.num_steps}, got {t}")

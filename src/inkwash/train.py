@@ -86,8 +86,9 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             ema_buffer.copy_(buffer)
 
 
-def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def diffusion_loss(
+    model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Steps 2-6 of the seed: t uniform over the T steps, Gaussian noise, x_t in closed form,
     and the mean squared error between the predicted and the true noise (Ho et al. 2020, Alg. 1)."""
     t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator)  # (B,)
@@ -117,8 +118,7 @@ class EpochSampler:
         return torch.cat(chunks)
 
 
-def run_config(config: TrainConfig, unet_config, schedule: NoiseSchedule, data: ImageData,
-               step: int) -> dict:
+def run_config(config: TrainConfig, unet_config, schedule: NoiseSchedule, data: ImageData, step: int) -> dict:
     return {
         "unet": unet_config.to_dict(),
         "schedule": schedule.config.to_dict(),
@@ -194,15 +194,20 @@ def train(config: TrainConfig, data: ImageData | None = None, show_progress: boo
             now = time.perf_counter()
             images_per_sec = len(interval_losses) * config.batch_size / max(now - interval_start, 1e-9)
             final_loss = sum(interval_losses) / len(interval_losses)
-            log_rows.append({"step": step, "loss": f"{final_loss:.6f}", "lr": f"{lr:.6g}",
-                             "images_per_sec": f"{images_per_sec:.2f}"})
+            log_rows.append(
+                {
+                    "step": step,
+                    "loss": f"{final_loss:.6f}",
+                    "lr": f"{lr:.6g}",
+                    "images_per_sec": f"{images_per_sec:.2f}",
+                }
+            )
             bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{images_per_sec:.0f}")
             interval_start, interval_losses = now, []
         bar.update(1)
         if step % config.checkpoint_every == 0 or step == total_steps:
             write_log(run_dir / LOG_FILE, log_rows)
-            save_checkpoint(run_dir, run_config(config, unet_config, schedule, data, step),
-                            model, ema, optimizer)
+            save_checkpoint(run_dir, run_config(config, unet_config, schedule, data, step), model, ema, optimizer)
     bar.close()
     seconds = time.perf_counter() - start
     loss_curve(run_dir / LOG_FILE, run_dir / LOSS_CURVE_FILE)

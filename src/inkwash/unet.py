@@ -30,9 +30,7 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        object.__setattr__(
-            self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions)
-        )
+        object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
         if self.image_size < 1 or self.in_channels < 1 or self.base_channels < 1:
             raise ValueError("image_size, in_channels and base_channels must be positive")
         if not self.channel_mult:
@@ -113,10 +111,7 @@ def preset(name: str, **overrides) -> UNetConfig:
 def timestep_embedding(noise_label: torch.Tensor, dim: int, max_period: float = 10000.0):
     """Sinusoidal embedding of a (possibly fractional) noise label (Vaswani et al. 2017)."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=noise_label.device)
-        / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=noise_label.device) / half)
     args = noise_label.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:
@@ -203,9 +198,7 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         groups = config.num_groups
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_emb = (
-            nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes > 0 else None
-        )
+        self.class_emb = nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes > 0 else None
         self.input_conv = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 
         def block(cin: int, cout: int, res: int) -> nn.ModuleList:
@@ -262,9 +255,7 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(noise_label, self.config.base_channels))
         if self.class_emb is not None:
             if class_labels is None:  # the "no class" token, as used by classifier-free guidance
-                class_labels = torch.full(
-                    (x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long
-                )
+                class_labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(class_labels)
         h = self.input_conv(x)  # (B, ch, H, W)
         skips = [h]

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from inkwash.denoiser import EpsDenoiser
+from inkwash.schedule import NoiseSchedule
+from inkwash.unet import UNet, preset
+
+
+class GaussianDenoiser:
+    """The exact denoiser E[x0 | x0 + sigma * eps = x] of Gaussian data N(mean, cov)."""
+
+    def __init__(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        self.mean = mean.double()  # (D,)
+        self.cov = cov.double()  # (D, D)
+        self.dim = mean.numel()
+
+    def __call__(self, x, sigma, cond=None):
+        shape = x.shape
+        flat = x.reshape(shape[0], -1).double()  # (B, D)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(shape[0])
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        out = torch.empty_like(flat)
+        for value in sigma.unique():
+            rows = sigma == value
+            gain = self.cov @ torch.linalg.inv(self.cov + value**2 * eye)  # (D, D)
+            out[rows] = self.mean + (flat[rows] - self.mean) @ gain.T
+        return out.to(x.dtype).reshape(shape)
+
+
+@pytest.fixture
+def gaussian_data():
+    generator = torch.Generator().manual_seed(1234)
+    dim = 4
+    a = torch.randn(dim, dim, generator=generator, dtype=torch.float64) * 0.4
+    cov = a @ a.T + 0.05 * torch.eye(dim, dtype=torch.float64)
+    mean = torch.randn(dim, generator=generator, dtype=torch.float64) * 0.5
+    return mean, cov, GaussianDenoiser(mean, cov)
+
+
+@pytest.fixture
+def tiny_denoiser():
+    """A tiny UNet with a randomised (non-zero) output layer, wrapped as a denoiser."""
+    torch.manual_seed(0)
+    model = UNet(preset("tiny"))
+    with torch.no_grad():
+        for p in model.out_conv.parameters():
+            p.normal_(0, 0.05)
+        for block in model.modules():
+            if hasattr(block, "conv2"):
+                block.conv2.weight.normal_(0, 0.02)
+    return EpsDenoiser(model.eval(), NoiseSchedule())

@@ -1,0 +1,158 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "inkwash", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def assert_clean_error(result, fragment):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli(
+        "train",
+        "--data",
+        "digits",
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trained 4 steps" in result.stdout
+    return out
+
+
+def test_missing_data_folder(tmp_path):
+    result = run_cli("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"))
+    assert_clean_error(result, "data folder not found")
+
+
+def test_folder_of_only_broken_files(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"broken")
+    (tmp_path / "bad" / "y.jpg").write_bytes(b"")
+    result = run_cli("train", "--data", str(tmp_path / "bad"), "--out", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "no readable images" in errors[0]
+
+
+def test_unknown_sampler(trained_run, tmp_path):
+    result = run_cli("sample", "--checkpoint", str(trained_run), "--out", str(tmp_path), "--sampler", "bogus")
+    assert_clean_error(result, "unknown sampler 'bogus'")
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    result = run_cli("sample", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    assert_clean_error(result, "checkpoint directory not found")
+
+
+def test_directory_without_checkpoint(tmp_path):
+    result = run_cli("sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert_clean_error(result, "not an inkwash run directory")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "--data", "digits", "--out", "x", "--steps", "0"], "positive integer"),
+        (["train", "--data", "digits", "--out", "x", "--lr", "-1"], "positive number"),
+        (["train", "--data", "digits", "--out", "x", "--preset", "huge"], "invalid choice"),
+        (["sample", "--checkpoint", "x", "--out", "y", "--eta", "nan"], "number >= 0"),
+        (["sample", "--checkpoint", "x", "--out", "y", "--schedule", "weird"], "invalid choice"),
+        (["noise", "--data", "digits", "--out", "n.png", "--t", "0,2000"], "0..1000"),
+        (["noise", "--out", "n.png"], "one of the arguments"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args, fragment):
+    assert_clean_error(run_cli(*args), fragment)
+
+
+def test_help_has_examples():
+    for command in ("train", "sample", "noise", "demo"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0
+        assert "example:" in result.stdout
+        assert f"inkwash {command}" in result.stdout
+
+
+def test_sample_writes_every_output(trained_run, tmp_path):
+    out = tmp_path / "samples"
+    result = run_cli(
+        "sample",
+        "--checkpoint",
+        str(trained_run),
+        "--out",
+        str(out),
+        "--sampler",
+        "DDIM",
+        "--steps",
+        "3",
+        "--num-images",
+        "5",
+        "--batch-size",
+        "2",
+        "--seed",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 model evaluations per image" in result.stdout
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(5)]
+    samples = np.load(out / "samples.npz")["samples"]
+    assert samples.shape == (5, 16, 16, 1) and samples.dtype == np.uint8
+    assert np.array_equal(np.asarray(Image.open(out / "000003.png")), samples[3, ..., 0])
+    for name in ("grid.png", "reverse.png", "sampling.json"):
+        assert (out / name).is_file()
+
+
+def test_sample_rejects_too_many_steps(trained_run, tmp_path):
+    result = run_cli("sample", "--checkpoint", str(trained_run), "--out", str(tmp_path), "--steps", "1001")
+    assert_clean_error(result, "at most 1000")
+
+
+def test_noise_strip(tmp_path):
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "in.png")
+    result = run_cli(
+        "noise",
+        "--image",
+        str(tmp_path / "in.png"),
+        "--out",
+        str(tmp_path / "s.png"),
+        "--t",
+        "0,500,1000",
+        "--image-size",
+        "16",
+    )
+    assert result.returncode == 0, result.stderr
+    strip = Image.open(tmp_path / "s.png")
+    assert strip.width > 3 * 64 and strip.height >= 64
+    assert_clean_error(
+        run_cli("noise", "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "s.png")), "image not found"
+    )
+    (tmp_path / "bad.png").write_bytes(b"xx")
+    assert_clean_error(
+        run_cli("noise", "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "s.png")), "cannot read image"
+    )

@@ -1,0 +1,64 @@
+import torch
+
+from inkwash.data import load_digits
+from inkwash.pictures import read_log
+from inkwash.train import EpochSampler, TrainConfig, diffusion_loss, train
+
+
+def test_tiny_training_run_loss_falls(tmp_path):
+    result = train(
+        TrainConfig(
+            out=str(tmp_path),
+            preset="tiny",
+            steps=60,
+            batch_size=32,
+            lr=2e-3,
+            warmup_steps=5,
+            log_every=5,
+            checkpoint_every=1000,
+        ),
+        show_progress=False,
+    )
+    log = read_log(tmp_path / "log.csv")
+    assert log["step"][-1] == 60
+    first, last = log["loss"][0], sum(log["loss"][-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+    assert result.steps == 60
+    assert set(log) == {"step", "loss", "lr", "images_per_sec"}
+
+
+def test_training_is_deterministic_under_a_seed(tmp_path):
+    data = load_digits(16)
+    results = []
+    for name in ("a", "b"):
+        train(
+            TrainConfig(out=str(tmp_path / name), preset="tiny", steps=3, batch_size=4, checkpoint_every=1000),
+            data=data,
+            show_progress=False,
+        )
+        results.append((tmp_path / name / "model.safetensors").read_bytes())
+    assert results[0] == results[1]
+
+
+def test_loss_is_eps_mse_at_uniform_t():
+    from inkwash.schedule import NoiseSchedule
+
+    class Perfect(torch.nn.Module):
+        """Knows x0 = 0, so eps = x_t / sqrt(1 - alpha_bar_t): its loss is exactly zero."""
+
+        def forward(self, x_t, t):
+            alpha_bar = NoiseSchedule().alpha_bar[t.long()].float()
+            return x_t / (1 - alpha_bar).sqrt().reshape(-1, 1, 1, 1)
+
+    x0 = torch.zeros(16, 1, 4, 4)
+    loss = diffusion_loss(Perfect(), NoiseSchedule(), x0, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-10
+    zero = diffusion_loss(lambda x, t: torch.zeros_like(x), NoiseSchedule(), x0, torch.Generator().manual_seed(0))
+    assert 0.7 < zero.item() < 1.3  # E[eps^2] = 1
+
+
+def test_epoch_sampler_visits_every_item_once_per_epoch():
+    sampler = EpochSampler(10, 4, torch.Generator().manual_seed(0))
+    seen = torch.cat([sampler.next() for _ in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:].tolist()) == list(range(10))
