@@ -16,25 +16,34 @@ from .schedule import NoiseSchedule
 from .train import LOSS_CURVE_FILE, TrainConfig, train
 
 
-def run_demo(out: str | Path = "demo_out", minutes: float = 5.0, seed: int = 0) -> dict:
+def run_demo(
+    out: str | Path = "demo_out",
+    minutes: float = 5.0,
+    seed: int = 0,
+    *,
+    preset: str = "digits",
+    num_images: int = 100,
+    full_ddpm_images: int = 16,
+) -> dict:
+    """Noising strip, a time-boxed training run, three sampling runs and a summary in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = load_digits(16)
 
-    print("1/4 the forward process: noising real digits (noising.png)")
+    print("1/5 the forward process: noising real digits (noising.png)")
     examples = torch.stack([data.images[(data.labels == d).nonzero()[0, 0]] for d in range(10)])
     save_png(
         noising_strip(NoiseSchedule(), examples, list(range(0, 1001, 100)), torch.Generator().manual_seed(seed)),
         out / "noising.png",
     )
 
-    print(f"2/4 training the digits preset for up to {minutes:g} minutes")
+    print(f"2/5 training the {preset} preset for up to {minutes:g} minutes")
     run_dir = out / "run"
     config = TrainConfig(
         data="digits",
         out=str(run_dir),
-        preset="digits",
+        preset=preset,
         steps=100_000,
         batch_size=64,
         lr=1e-3,
@@ -44,26 +53,38 @@ def run_demo(out: str | Path = "demo_out", minutes: float = 5.0, seed: int = 0) 
     )
     result = train(config, data=data)
 
-    print("3/4 sampling 100 digits with DDIM, 50 steps (samples/)")
-    ddim = sample_run(
+    print(f"3/5 sampling {num_images} digits with DDPM respaced to 100 steps (samples/)")
+    ddpm = sample_run(
         SampleOptions(
             checkpoint=str(run_dir),
             out=str(out / "samples"),
-            sampler="ddim",
-            steps=50,
-            num_images=100,
+            sampler="ddpm",
+            steps=100,
+            num_images=num_images,
             batch_size=100,
             seed=seed,
         )
     )
-    print("4/4 sampling 16 digits with DDPM over all 1000 steps (samples_ddpm/)")
-    ddpm = sample_run(
+    print(f"4/5 the same {num_images} seeds with deterministic DDIM, 50 steps (samples_ddim/)")
+    ddim = sample_run(
         SampleOptions(
             checkpoint=str(run_dir),
-            out=str(out / "samples_ddpm"),
+            out=str(out / "samples_ddim"),
+            sampler="ddim",
+            steps=50,
+            num_images=num_images,
+            batch_size=100,
+            seed=seed,
+        )
+    )
+    print(f"5/5 sampling {full_ddpm_images} digits with DDPM over all 1000 steps, as in Ho et al. (samples_ddpm1000/)")
+    full = sample_run(
+        SampleOptions(
+            checkpoint=str(run_dir),
+            out=str(out / "samples_ddpm1000"),
             sampler="ddpm",
             steps=1000,
-            num_images=16,
+            num_images=full_ddpm_images,
             batch_size=16,
             seed=seed,
         )
@@ -75,16 +96,17 @@ def run_demo(out: str | Path = "demo_out", minutes: float = 5.0, seed: int = 0) 
         "parameters": result.num_parameters,
         "loss_first": round(result.first_loss, 4),
         "loss_final": round(result.final_loss, 4),
-        "ddim_nfe": ddim["nfe"],
-        "ddpm_nfe": ddpm["nfe"],
+        "nfe": {"ddpm_100": ddpm["nfe"], "ddim_50": ddim["nfe"], "ddpm_1000": full["nfe"]},
         "total_seconds": round(time.perf_counter() - started, 1),
         "pictures": {
             "forward noising": str(out / "noising.png"),
             "loss curve": str(run_dir / LOSS_CURVE_FILE),
-            "DDIM samples": str(out / "samples" / "grid.png"),
-            "DDIM reverse process": str(out / "samples" / "reverse.png"),
-            "DDPM samples": str(out / "samples_ddpm" / "grid.png"),
-            "DDPM reverse process": str(out / "samples_ddpm" / "reverse.png"),
+            "DDPM samples (100 steps)": str(out / "samples" / "grid.png"),
+            "DDPM reverse process": str(out / "samples" / "reverse.png"),
+            "DDIM samples (50 steps)": str(out / "samples_ddim" / "grid.png"),
+            "DDIM reverse process": str(out / "samples_ddim" / "reverse.png"),
+            "DDPM samples (1000 steps)": str(out / "samples_ddpm1000" / "grid.png"),
+            "DDPM 1000-step reverse process": str(out / "samples_ddpm1000" / "reverse.png"),
         },
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -92,7 +114,7 @@ def run_demo(out: str | Path = "demo_out", minutes: float = 5.0, seed: int = 0) 
         f"trained {result.steps} steps ({result.num_parameters:,} parameters) in "
         f"{result.seconds:.0f}s at {result.images_per_sec:.0f} images/s; "
         f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}",
-        f"DDIM: {ddim['nfe']} model evaluations per image; DDPM: {ddpm['nfe']}",
+        f"model evaluations per image: DDPM {ddpm['nfe']}, DDIM {ddim['nfe']}, full DDPM {full['nfe']}",
         *[f"  {name}: {path}" for name, path in summary["pictures"].items()],
         f"total {summary['total_seconds']:.0f}s; summary in {out / 'summary.json'}",
     ]

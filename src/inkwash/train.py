@@ -86,6 +86,14 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             ema_buffer.copy_(buffer)
 
 
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, with the fused single-kernel update where this PyTorch build has it for the device."""
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
 def diffusion_loss(
     model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -152,7 +160,7 @@ def train(config: TrainConfig, data: ImageData | None = None, show_progress: boo
     schedule = NoiseSchedule(ScheduleConfig(beta_schedule=config.beta_schedule))
     model = UNet(unet_config)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
     batches = EpochSampler(len(data), config.batch_size, generator)
 
     run_dir = Path(config.out)
@@ -185,11 +193,10 @@ def train(config: TrainConfig, data: ImageData | None = None, show_progress: boo
             first_loss = value
         interval_losses.append(value)
         if config.time_limit is not None and step >= 10:
+            # Re-estimate the reachable step count from the running rate, within --steps.
             elapsed = time.perf_counter() - start
-            projected = int(step * config.time_limit / elapsed)
-            if projected < total_steps:
-                total_steps = max(step, projected)
-                bar.total = total_steps
+            total_steps = min(config.steps, max(step, int(step * config.time_limit / elapsed)))
+            bar.total = total_steps
         if step % config.log_every == 0 or step == total_steps:
             now = time.perf_counter()
             images_per_sec = len(interval_losses) * config.batch_size / max(now - interval_start, 1e-9)
