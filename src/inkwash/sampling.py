@@ -70,15 +70,16 @@ def generate(
         count = min(batch_size, num_images - start)
         rng = SampleRNG(sample_seeds(seed, count, start), device=device)
         x = prior_sample(rng, image_shape, float(sigmas[0])).to(device)
+        keep = trajectory if start == 0 else None
 
-        def callback(state: dict, first: bool = start == 0, count: int = count) -> None:
+        def callback(state: dict, count: int = count, keep: list | None = keep) -> None:
             bar.update(count)
-            if first and state["i"] in record_set:
-                trajectory.append((state["sigma"], state["x"].cpu(), state["denoised"].cpu()))
+            if keep is not None and state["i"] in record_set:
+                keep.append((state["sigma"], state["x"].cpu(), state["denoised"].cpu()))
 
         calls_before = counter.calls
         out = info.fn(
-            counter, x, sigmas.to(device), noise=lambda x=x, rng=rng: rng.randn_like(x), callback=callback, **options
+            counter, x, sigmas.to(device), noise=lambda rng=rng, x=x: rng.randn_like(x), callback=callback, **options
         )
         nfe = counter.calls - calls_before
         out = out.clamp(-1, 1).cpu()

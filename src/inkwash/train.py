@@ -8,7 +8,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +45,6 @@ class TrainConfig:
     beta_schedule: str = "linear"
     log_every: int = 10
     time_limit: float | None = None  # seconds; stop early when reached (used by the demo)
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         checks = [
@@ -137,7 +136,7 @@ def run_config(config: TrainConfig, unet_config, schedule: NoiseSchedule, data: 
             "num_images": len(data),
             "class_names": data.class_names,
         },
-        "train": {k: v for k, v in asdict(config).items() if k != "extra"},
+        "train": asdict(config),
         "step": step,
     }
 

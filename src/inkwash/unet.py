@@ -4,7 +4,7 @@ and knows nothing about the noise schedule or what its output means; see ``denoi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,6 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32
     num_classes: int = 0  # > 0 adds a class embedding (the extra index num_classes = "no class")
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -50,14 +49,13 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data.pop("extra")
         data["channel_mult"] = list(self.channel_mult)
         data["attention_resolutions"] = list(self.attention_resolutions)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> UNetConfig:
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown UNet config keys: {', '.join(sorted(unknown))}")
