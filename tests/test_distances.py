@@ -13,7 +13,8 @@ def test_self_distance_is_zero():
     a = torch.randn(500, 6, generator=_gen(0))
     assert sliced_wasserstein(a, a, generator=_gen(1)) == 0.0
     # order does not matter: a permuted copy is the same point cloud
-    assert sliced_wasserstein(a, a[torch.randperm(500, generator=_gen(2))], generator=_gen(1)) == 0.0
+    permuted = a[torch.randperm(500, generator=_gen(2))]
+    assert sliced_wasserstein(a, permuted, generator=_gen(1)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_symmetric():
@@ -32,10 +33,12 @@ def test_shifted_gaussians_closed_form():
     m = torch.tensor([1.0, -1.0, 0.5, 2.0, 0.0, -0.5, 1.0, 1.5], dtype=torch.float64)
     a = torch.randn(n, dim, generator=_gen(6), dtype=torch.float64)
     b = torch.randn(n, dim, generator=_gen(7), dtype=torch.float64) + m
-    sw2 = sliced_wasserstein(a, b, num_projections=2048, generator=_gen(8)) ** 2
+    sw2 = sliced_wasserstein(a, b, num_projections=1024, generator=_gen(8)) ** 2
     expected = float(m.square().sum()) / dim  # 1.125
-    # Monte-Carlo sd over 2048 directions is ~2.7% of the expectation here; sample noise is ~1e-3
-    assert sw2 == pytest.approx(expected, rel=0.1)
+    # Monte-Carlo sd over 1024 directions is ~3.5% of the expectation here; sample noise is ~1e-3
+    assert sw2 == pytest.approx(expected, rel=0.12)
+    # far from a trivial pass: unshifted clouds give ~0
+    assert sliced_wasserstein(a, b - m, num_projections=64, generator=_gen(8)) ** 2 < 0.01
 
 
 def test_shift_of_the_same_cloud_in_1d_is_exact():

@@ -65,19 +65,25 @@ def sliced_wasserstein(
     directions = torch.randn(dim, num_projections, generator=generator, dtype=torch.float64)
     directions = (directions / directions.norm(dim=0, keepdim=True)).to(a.device)  # (D, P)
     levels = max(a.shape[0], b.shape[0])
-    index_a = _quantile_index(a.shape[0], levels, a.device)
-    index_b = _quantile_index(b.shape[0], levels, a.device)
+    index_a = None if a.shape[0] == levels else _quantile_index(a.shape[0], levels, a.device)
+    index_b = None if b.shape[0] == levels else _quantile_index(b.shape[0], levels, a.device)
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     for start in range(0, num_projections, _CHUNK):
         theta_t = directions[:, start : start + _CHUNK].T.contiguous()  # (chunk, D)
-        qa = _sort_rows(theta_t @ a.T)[:, index_a]  # (chunk, L) quantiles of each projection
-        qb = _sort_rows(theta_t @ b.T)[:, index_b]
+        qa = _sort_rows(theta_t @ a.T, index_a)  # (chunk, L) quantiles of each projection
+        qb = _sort_rows(theta_t @ b.T, index_b)
         total += (qa - qb).square().mean(dim=1).sum()
     return float((total / num_projections).sqrt())
 
 
-def _sort_rows(x: torch.Tensor) -> torch.Tensor:
-    """Sort each row; on the CPU numpy's sort is several times faster than torch's."""
+def _sort_rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Sort each row of a temporary (in place on the CPU), then pick the columns ``index`` (all when None).
+
+    On the CPU numpy's sort is several times faster than torch's.
+    """
     if x.device.type == "cpu":
-        return torch.from_numpy(np.sort(x.contiguous().numpy(), axis=1))
-    return x.sort(dim=1).values
+        x = x.contiguous()
+        x.numpy().sort(axis=1)  # shares x's memory
+    else:
+        x = x.sort(dim=1).values
+    return x if index is None else x[:, index]

@@ -50,7 +50,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
         SamplerInfo("dpmpp_sde", "DPM++ SDE", sample_dpmpp_sde, 2, True, 2),
         SamplerInfo("dpmpp_2m_sde", "DPM++ 2M SDE", sample_dpmpp_2m_sde, 2, True, 1),
         SamplerInfo("dpmpp_3m_sde", "DPM++ 3M SDE", sample_dpmpp_3m_sde, 3, True, 1),
-        SamplerInfo("unipc", "UniPC", sample_unipc, 2, False, 1),
+        SamplerInfo("unipc", "UniPC", sample_unipc, 3, False, 1, "order-2 predictor with the UniC corrector"),
     )
 }
 

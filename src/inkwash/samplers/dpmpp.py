@@ -74,18 +74,22 @@ def sample_dpmpp_sde(
         h = log_lambda(sigma_next) - log_lambda(sigma)
         sigma_s = sigma * math.exp(-r * h)
         # Stage 1: to lambda + r*h.
+        # The two stages' noises are the Brownian increments (in sigma) over [sigma_s, sigma] and
+        # [sigma_next, sigma], normalised: the second contains the first, so they are correlated
+        # (the joint law of k-diffusion's Brownian-tree noise).
+        z_s = noise()
+        corr = math.sqrt((sigma - sigma_s) / (sigma - sigma_next))
+        z_next = corr * z_s + math.sqrt(1 - corr**2) * noise()
         sigma_down, sigma_up = ancestral_step(sigma, sigma_s, eta)
         x_s = (sigma_down / sigma) * x - math.expm1(log_lambda(sigma) - log_lambda(sigma_down)) * denoised
-        if sigma_up > 0:
-            x_s = x_s + s_noise * sigma_up * noise()
+        x_s = x_s + s_noise * sigma_up * z_s
         denoised_s = denoise(denoiser, x_s, sigma_s, cond)
         # Stage 2: the full step with the blended data prediction.
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         fac = 1 / (2 * r)
         blended = (1 - fac) * denoised + fac * denoised_s
         x = (sigma_down / sigma) * x - math.expm1(log_lambda(sigma) - log_lambda(sigma_down)) * blended
-        if sigma_up > 0:
-            x = x + s_noise * sigma_up * noise()
+        x = x + s_noise * sigma_up * z_next
     return x
 
 
