@@ -156,3 +156,49 @@ def test_noise_strip(tmp_path):
     assert_clean_error(
         run_cli("noise", "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "s.png")), "cannot read image"
     )
+
+
+def test_samplers_lists_every_sampler():
+    from inkwash.samplers import SAMPLERS
+
+    result = run_cli("samplers")
+    assert result.returncode == 0
+    for info in SAMPLERS.values():
+        assert info.id in result.stdout and info.display_name in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("sampler", "extra", "nfe"),
+    [
+        ("Euler a", [], 3),
+        ("heun", ["--schedule", "karras"], 5),
+        ("dpmpp_2m", ["--schedule", "exponential"], 3),
+        ("plms", [], 4),
+        ("unipc", ["--schedule", "uniform"], 3),
+        ("dpmpp_sde", ["--eta", "0.5"], 5),
+    ],
+)
+def test_sample_with_any_sampler_reports_its_nfe(trained_run, tmp_path, sampler, extra, nfe):
+    result = run_cli(
+        "sample",
+        "--checkpoint",
+        str(trained_run),
+        "--out",
+        str(tmp_path),
+        "--sampler",
+        sampler,
+        "--steps",
+        "3",
+        "--num-images",
+        "2",
+        *extra,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{nfe} model evaluations per image" in result.stdout
+
+
+def test_option_that_does_not_apply_to_the_sampler(trained_run, tmp_path):
+    result = run_cli(
+        "sample", "--checkpoint", str(trained_run), "--out", str(tmp_path), "--sampler", "heun", "--eta", "1"
+    )
+    assert_clean_error(result, "--eta does not apply to the Heun sampler")

@@ -130,18 +130,37 @@ def build_parser() -> Parser:
     )
     sample.add_argument("--checkpoint", required=True, help="run directory with config.json and weights")
     sample.add_argument("--out", required=True, help="output directory")
-    sample.add_argument("--sampler", type=_sampler_name, default="ddim", help="ddpm or ddim (default: %(default)s)")
     sample.add_argument(
-        "--steps", type=_positive_int, default=None, help="sampler steps (default: 1000 for ddpm, 50 for ddim)"
+        "--sampler",
+        type=_sampler_name,
+        default="ddim",
+        help="a sampler id or WebUI name, e.g. ddim, 'Euler a', dpmpp_2m; see 'inkwash samplers' "
+        "(default: %(default)s)",
+    )
+    sample.add_argument(
+        "--steps", type=_positive_int, default=None, help="sampler steps (default: 1000 for ddpm, 50 for the others)"
     )
     sample.add_argument(
         "--schedule", default="trailing", choices=list(STEP_SCHEDULES), help="step schedule (default: %(default)s)"
     )
     sample.add_argument(
-        "--eta", type=_nonneg_float, default=0.0, help="DDIM stochasticity; 1 = DDPM posterior (default: %(default)s)"
+        "--eta",
+        type=_nonneg_float,
+        default=None,
+        help="noise scale of DDIM and the ancestral/SDE samplers; DDIM: 0 deterministic, 1 = DDPM posterior "
+        "(default: the sampler's, 0 for DDIM and 1 for the others)",
     )
     sample.add_argument(
-        "--variance", default="beta_tilde", choices=["beta_tilde", "beta"], help="DDPM variance (default: %(default)s)"
+        "--variance", default=None, choices=["beta_tilde", "beta"], help="DDPM variance (default: beta_tilde)"
+    )
+    sample.add_argument(
+        "--s-churn",
+        type=_nonneg_float,
+        default=None,
+        help="Karras et al.'s churn for euler, heun and dpm_2 (default: 0)",
+    )
+    sample.add_argument(
+        "--rho", type=_positive_float, default=7.0, help="rho of the karras schedule (default: %(default)s)"
     )
     sample.add_argument("--num-images", type=_positive_int, default=64, help="(default: %(default)s)")
     sample.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
@@ -169,6 +188,14 @@ def build_parser() -> Parser:
     noise.add_argument("--image-size", type=_positive_int, default=64, help="side for --image (default: %(default)s)")
     noise.add_argument("--beta-schedule", default="linear", choices=list(BETA_SCHEDULES), help="(default: %(default)s)")
     noise.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
+
+    sub.add_parser(
+        "samplers",
+        help="list the samplers",
+        formatter_class=fmt,
+        description="List every sampler with its WebUI name, order, whether it is stochastic and its NFE per step.",
+        epilog="example:\n  inkwash samplers",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -220,6 +247,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         schedule=args.schedule,
         eta=args.eta,
         variance=args.variance,
+        s_churn=args.s_churn,
+        rho=args.rho,
         num_images=args.num_images,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -270,13 +299,29 @@ def _output_file(path: str) -> Path:
     return out
 
 
+def cmd_samplers(args: argparse.Namespace) -> None:
+    from .samplers import SAMPLERS
+
+    print(f"{'id':20s} {'name':14s} {'order':>5s} {'stochastic':>10s} {'NFE/step':>8s}  note")
+    for info in SAMPLERS.values():
+        stochastic = "yes" if info.stochastic else "no"
+        columns = f"{info.id:20s} {info.display_name:14s} {info.order:5d} {stochastic:>10s} {info.nfe_per_step:8d}"
+        print(f"{columns}  {info.note}".rstrip())
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(args.out, minutes=args.minutes, seed=args.seed)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "noise": cmd_noise, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "noise": cmd_noise,
+    "samplers": cmd_samplers,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

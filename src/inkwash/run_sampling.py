@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -29,8 +30,10 @@ class SampleOptions:
     sampler: str = "ddim"
     steps: int | None = None
     schedule: str = "trailing"
-    eta: float = 0.0
-    variance: str = "beta_tilde"
+    eta: float | None = None  # None: the sampler's own default
+    variance: str | None = None
+    s_churn: float | None = None
+    rho: float = 7.0
     num_images: int = 64
     batch_size: int = 64
     seed: int = 0
@@ -40,12 +43,19 @@ class SampleOptions:
     show_progress: bool = True
 
 
-def sampler_options(sampler: str, eta: float, variance: str) -> dict:
-    if sampler == "ddim":
-        return {"eta": eta}
-    if sampler == "ddpm":
-        return {"variance": variance}
-    return {}
+def sampler_options(sampler: str, **given: object) -> dict:
+    """The options the user set (not None), checked against what the sampler accepts."""
+    info = get_sampler(sampler)
+    accepted = inspect.signature(info.fn).parameters
+    options = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in accepted:
+            flag = "--" + name.replace("_", "-")
+            raise InkwashError(f"{flag} does not apply to the {info.display_name} sampler")
+        options[name] = value
+    return options
 
 
 def savez_bytes(**arrays: np.ndarray) -> bytes:
@@ -66,7 +76,7 @@ def sample_run(options: SampleOptions) -> dict:
         raise InkwashError(f"--out must be a directory, got a file: {out}")
     out.mkdir(parents=True, exist_ok=True)
 
-    sigmas = build_sigmas(schedule, steps, options.schedule)
+    sigmas = build_sigmas(schedule, steps, options.schedule, rho=options.rho)
     denoiser = EpsDenoiser(model, schedule)
     if options.clip_denoised:
         denoiser = ClampedDenoiser(denoiser)
@@ -88,7 +98,7 @@ def sample_run(options: SampleOptions) -> dict:
         num_images=options.num_images,
         batch_size=options.batch_size,
         seed=options.seed,
-        sampler_options=sampler_options(info.id, options.eta, options.variance),
+        sampler_options=sampler_options(info.id, eta=options.eta, variance=options.variance, s_churn=options.s_churn),
         record=record,
         show_progress=options.show_progress,
         on_batch=write_batch,
