@@ -69,6 +69,16 @@ def _t_list(text: str) -> list[int]:
     return values
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 or v > 1000 for v in values):
+        raise argparse.ArgumentTypeError(f"steps must be integers in 1..1000, got {text!r}")
+    return values
+
+
 def _sampler_name(text: str) -> str:
     from .samplers import get_sampler
 
@@ -197,6 +207,43 @@ def build_parser() -> Parser:
         epilog="example:\n  inkwash samplers",
     )
 
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks (bench samplers)",
+        formatter_class=fmt,
+        description="Benchmarks.",
+        epilog="example:\n  inkwash bench samplers --gmm gmm64",
+    )
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=Parser)
+    bench_sub.required = True
+    bench_samplers = bench_sub.add_parser(
+        "samplers",
+        help="every sampler against the exact denoiser of a Gaussian mixture",
+        formatter_class=fmt,
+        description="Run samplers on the exact denoiser of a Gaussian mixture and report NFE, the sliced "
+        "Wasserstein distance to exact samples, the exact-vs-exact floor and the mode-weight error.",
+        epilog="example:\n  inkwash bench samplers --gmm gmm64 --samplers euler,dpmpp_2m,unipc --steps 5,10,20 "
+        "--json bench.json",
+    )
+    bench_samplers.add_argument(
+        "--gmm", required=True, help="a preset (gmm2d, gmm64) or an .npz with weights, means, stds"
+    )
+    bench_samplers.add_argument("--samplers", default="all", help="'all' or comma-separated ids (default: all)")
+    bench_samplers.add_argument("--steps", type=_int_list, default=[5, 10, 20, 50], help="(default: 5,10,20,50)")
+    bench_samplers.add_argument(
+        "--schedule", default="karras", choices=list(STEP_SCHEDULES), help="(default: %(default)s)"
+    )
+    bench_samplers.add_argument(
+        "--beta-schedule", default="linear", choices=list(BETA_SCHEDULES), help="sigma range (default: %(default)s)"
+    )
+    bench_samplers.add_argument("--num-samples", type=_positive_int, default=10_000, help="(default: %(default)s)")
+    bench_samplers.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
+    bench_samplers.add_argument("--json", default=None, help="write the results as JSON")
+    bench_samplers.add_argument("--save-samples", default=None, help="write DIR/<sampler>_<steps>.npy")
+    bench_samplers.add_argument(
+        "--plot", default="bench_samplers.png", help="PNG of error against NFE (default: %(default)s)"
+    )
+
     demo = sub.add_parser(
         "demo",
         help="train on digits, sample, and write every picture",
@@ -309,6 +356,36 @@ def cmd_samplers(args: argparse.Namespace) -> None:
         print(f"{columns}  {info.note}".rstrip())
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench_samplers import bench_samplers, format_table, parse_samplers, plot, write_json
+    from .oracle import load_gmm
+
+    gmm = load_gmm(args.gmm)
+    samplers = parse_samplers(args.samplers)
+    if args.save_samples:
+        Path(args.save_samples).mkdir(parents=True, exist_ok=True)
+    rows = bench_samplers(
+        gmm,
+        samplers,
+        args.steps,
+        schedule=args.schedule,
+        beta_schedule=args.beta_schedule,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        save_samples=args.save_samples,
+    )
+    print(
+        f"{args.gmm}: {gmm.num_components} components in {gmm.dim} dimensions, {args.num_samples} samples, "
+        f"{args.schedule} schedule"
+    )
+    print(format_table(rows))
+    plot(rows, _output_file(args.plot), f"{args.gmm}, {args.schedule} schedule")
+    print(f"wrote {args.plot}")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("command", "bench_command")}
+        write_json(rows, args.json, settings)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -320,6 +397,7 @@ COMMANDS = {
     "sample": cmd_sample,
     "noise": cmd_noise,
     "samplers": cmd_samplers,
+    "bench": cmd_bench,
     "demo": cmd_demo,
 }
 
