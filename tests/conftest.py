@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker (and for the CLI subprocesses it starts): on a 2-core machine two
+    # workers of two threads each oversubscribe the cores and run several times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from inkwash.denoiser import EpsDenoiser
 from inkwash.schedule import NoiseSchedule

@@ -59,6 +59,16 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def _t_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -172,6 +182,15 @@ def build_parser() -> Parser:
     sample.add_argument(
         "--rho", type=_positive_float, default=7.0, help="rho of the karras schedule (default: %(default)s)"
     )
+    sample.add_argument("--init-image", default=None, help="img2img: start from this image (or folder of images)")
+    sample.add_argument(
+        "--strength",
+        type=_unit_float,
+        default=0.75,
+        help="img2img: how much of the schedule to run, 0 returns the input, 1 starts from pure noise "
+        "(default: %(default)s)",
+    )
+    sample.add_argument("--mask", default=None, help="inpainting: a mask image, white = regenerate, black = keep")
     sample.add_argument("--num-images", type=_positive_int, default=64, help="(default: %(default)s)")
     sample.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
     sample.add_argument("--seed", type=_nonneg_int, default=0, help="image i uses seed S+i (default: %(default)s)")
@@ -296,6 +315,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         variance=args.variance,
         s_churn=args.s_churn,
         rho=args.rho,
+        init_image=args.init_image,
+        strength=args.strength,
+        mask=args.mask,
         num_images=args.num_images,
         batch_size=args.batch_size,
         seed=args.seed,

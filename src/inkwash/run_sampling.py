@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_model
-from .data import to_uint8
+from .data import load_folder, prepare_image, to_uint8, to_unit_range
 from .denoiser import ClampedDenoiser, EpsDenoiser
 from .errors import InkwashError
+from .img2img import strength_sigmas
 from .pictures import reverse_strip, sample_grid, save_png
 from .samplers import get_sampler
 from .sampling import generate
@@ -39,6 +40,9 @@ class SampleOptions:
     seed: int = 0
     use_ema: bool = True
     clip_denoised: bool = True
+    init_image: str | None = None  # a file or a folder of images (img2img / inpainting)
+    strength: float = 0.75
+    mask: str | None = None  # white = generate, black = keep
     strip_points: int = 8
     show_progress: bool = True
 
@@ -56,6 +60,38 @@ def sampler_options(sampler: str, **given: object) -> dict:
             raise InkwashError(f"{flag} does not apply to the {info.display_name} sampler")
         options[name] = value
     return options
+
+
+def _read_image(path: Path, channels: int, size: int, what: str) -> np.ndarray:
+    from PIL import Image
+
+    if not path.is_file():
+        raise InkwashError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return prepare_image(image, channels, size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InkwashError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_init_and_mask(options: SampleOptions, shape: tuple) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The init image(s) as (N, C, H, W) in [-1, 1] and the mask as (1, 1, H, W) in {0, 1}."""
+    if options.init_image is None:
+        if options.mask is not None:
+            raise InkwashError("--mask needs --init-image")
+        return None, None
+    channels, size = shape[0], shape[1]
+    path = Path(options.init_image)
+    if path.is_dir():
+        init = load_folder(path, channels, size, show_progress=options.show_progress).images
+    else:
+        init = to_unit_range(_read_image(path, channels, size, "init image")[None])
+    mask = None
+    if options.mask is not None:
+        pixels = _read_image(Path(options.mask), 1, size, "mask")  # (H, W, 1)
+        mask = torch.from_numpy((pixels[..., 0] > 127).astype(np.float32))[None, None]
+    return init, mask
 
 
 def savez_bytes(**arrays: np.ndarray) -> bytes:
@@ -77,11 +113,20 @@ def sample_run(options: SampleOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     sigmas = build_sigmas(schedule, steps, options.schedule, rho=options.rho)
+    shape = tuple(config["data"]["shape"])
+    init, mask = load_init_and_mask(options, shape)
+    if init is not None:
+        try:
+            sigmas = strength_sigmas(sigmas, options.strength)
+        except ValueError as exc:
+            raise InkwashError(str(exc)) from None
+    steps_run = len(sigmas) - 1
     denoiser = EpsDenoiser(model, schedule)
     if options.clip_denoised:
         denoiser = ClampedDenoiser(denoiser)
-    record = sorted({round(i * (steps - 1) / max(1, options.strip_points - 1)) for i in range(options.strip_points)})
-    shape = tuple(config["data"]["shape"])
+    record = sorted(
+        {round(i * (steps_run - 1) / max(1, options.strip_points - 1)) for i in range(options.strip_points)}
+    )
 
     def write_batch(start: int, images: torch.Tensor) -> None:
         from PIL import Image
@@ -102,14 +147,18 @@ def sample_run(options: SampleOptions) -> dict:
         record=record,
         show_progress=options.show_progress,
         on_batch=write_batch,
+        init=init,
+        mask=mask,
     )
     atomic_write_bytes(out / "samples.npz", savez_bytes(samples=to_uint8(result.images)))
     save_png(sample_grid(result.images), out / "grid.png")
-    save_png(reverse_strip(result.trajectory, result.images), out / "reverse.png")
+    if result.trajectory:
+        save_png(reverse_strip(result.trajectory, result.images), out / "reverse.png")
     summary = {
         "sampler": info.id,
         "schedule": options.schedule,
         "steps": steps,
+        "steps_run": steps_run,
         "nfe": result.nfe,
         "num_images": options.num_images,
         "seed": options.seed,

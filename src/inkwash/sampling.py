@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .denoiser import Denoiser
+from .img2img import InpaintDenoiser
 from .progress import progress
 from .rng import SampleRNG, sample_seeds
 from .samplers import get_sampler
@@ -33,6 +34,12 @@ class SampleResult:
     trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+def _rows(images: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Rows start .. start+count-1 of a (N, ...) tensor, cycling; a single row is broadcast."""
+    index = torch.arange(start, start + count) % images.shape[0]
+    return images[index]
+
+
 def prior_sample(rng: SampleRNG, shape: Sequence[int], sigma_max: float) -> torch.Tensor:
     """x at sigma_max: DDPM's N(0, I) prior expressed in the x0 + sigma*eps convention."""
     return rng.randn(shape) * math.sqrt(1.0 + sigma_max**2)
@@ -52,12 +59,18 @@ def generate(
     record: Sequence[int] = (),
     show_progress: bool = True,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    init: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> SampleResult:
     """Sample ``num_images`` images; image i uses seed ``seed + i`` for all of its noise.
 
     ``record`` lists step indices at which (sigma, x, denoised) of the first batch are kept,
-    for the reverse-process strip.
+    for the reverse-process strip. With ``init`` (N or 1, C, H, W) the run starts from
+    ``init + sigmas[0] * noise`` (img2img, see ``img2img.strength_sigmas``); with ``mask``
+    (1 where generated, 0 where kept) it inpaints.
     """
+    if mask is not None and init is None:
+        raise ValueError("inpainting needs an init image")
     info = get_sampler(sampler)
     options = dict(sampler_options or {})
     counter = CountingDenoiser(denoiser)
@@ -69,7 +82,15 @@ def generate(
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         rng = SampleRNG(sample_seeds(seed, count, start), device=device)
-        x = prior_sample(rng, image_shape, float(sigmas[0])).to(device)
+        batch_denoiser = counter
+        if init is None:
+            x = prior_sample(rng, image_shape, float(sigmas[0])).to(device)
+        else:
+            batch_init = _rows(init, start, count).to(device)
+            first_noise = rng.randn(image_shape).to(device)
+            x = batch_init + float(sigmas[0]) * first_noise
+            if mask is not None:
+                batch_denoiser = InpaintDenoiser(counter, batch_init, _rows(mask, start, count).to(device), first_noise)
         keep = trajectory if start == 0 else None
 
         def callback(state: dict, count: int = count, keep: list | None = keep) -> None:
@@ -79,8 +100,15 @@ def generate(
 
         calls_before = counter.calls
         out = info.fn(
-            counter, x, sigmas.to(device), noise=lambda rng=rng, x=x: rng.randn_like(x), callback=callback, **options
+            batch_denoiser,
+            x,
+            sigmas.to(device),
+            noise=lambda rng=rng, x=x: rng.randn_like(x),
+            callback=callback,
+            **options,
         )
+        if isinstance(batch_denoiser, InpaintDenoiser):
+            out = batch_denoiser.finish(out)
         nfe = counter.calls - calls_before
         out = out.clamp(-1, 1).cpu()
         if on_batch is not None:

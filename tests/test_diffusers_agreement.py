@@ -1,0 +1,630 @@
+"""Step-by-step agreement of inkwash's samplers with the diffusers schedulers.
+
+Both sides are driven by one deterministic, nonlinear epsilon "network" defined on the
+variance-preserving (DDPM) state and by the same noise. diffusers draws its noise with
+``randn_tensor``, i.e. ``torch.randn(shape, generator=g)``, so inkwash's ``noise`` callable draws
+from an identically seeded generator, in the same order. inkwash sees the network through
+``EpsDenoiser`` (``D(x, sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma))``), so the tests
+also check that ``t(sigma)`` lands on the timestep that diffusers hands the network. Every state
+the network sees is compared, not only the final sample.
+
+Precision: diffusers builds its tables in float32. The tests give its schedulers inkwash's
+float64 tables (the two agree to float32 precision, see ``test_schedule_tables_match_diffusers``),
+upcast diffusers' float32 sigma tables after ``set_timesteps`` (same values, float64 arithmetic)
+and give inkwash exactly those sigmas. DDPM, DDIM and PNDM then agree to ~1e-14. Elsewhere some
+float32 rounding is left: the sigmas are float32 values, so t(sigma) lands ~1e-6 off the integer
+timestep (and ``EpsDenoiser`` hands the network t as float32): ~1e-8 (Heun, LMS, UniPC, KDPM2,
+which also computes its midpoints in float32); Euler, Euler a and DPM-Solver++ also cast the
+sample to float32 inside ``step``: ~2e-7. Tolerances are 1e-12, 5e-7 and 2e-6 respectively.
+LMS's coefficients come from scipy's quad with epsrel=1e-4, but quad is exact for the cubic
+Lagrange polynomials, so LMS needs no looser tolerance.
+
+Where diffusers departs from the published algorithm, a separate test asserts that the
+difference exists (citing the diffusers lines) instead of skipping the case.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from inkwash.denoiser import EpsDenoiser
+from inkwash.samplers import SAMPLERS
+from inkwash.schedule import NoiseSchedule, ScheduleConfig
+from inkwash.steps import build_sigmas, timesteps_for
+
+diffusers = pytest.importorskip("diffusers")
+# diffusers feeds torch tensors to numpy, which warns thousands of times; recording those is slow.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# Bound here so that their (slow, scipy-importing) lazy imports happen at collection, not in a test.
+DDPMScheduler = diffusers.DDPMScheduler
+DDIMScheduler = diffusers.DDIMScheduler
+PNDMScheduler = diffusers.PNDMScheduler
+EulerDiscreteScheduler = diffusers.EulerDiscreteScheduler
+EulerAncestralDiscreteScheduler = diffusers.EulerAncestralDiscreteScheduler
+HeunDiscreteScheduler = diffusers.HeunDiscreteScheduler
+KDPM2DiscreteScheduler = diffusers.KDPM2DiscreteScheduler
+LMSDiscreteScheduler = diffusers.LMSDiscreteScheduler
+DPMSolverMultistepScheduler = diffusers.DPMSolverMultistepScheduler
+UniPCMultistepScheduler = diffusers.UniPCMultistepScheduler
+
+SHAPE = (2, 3, 4, 4)
+LINEAR = NoiseSchedule(ScheduleConfig("linear", 1000, 1e-4, 0.02))  # DDPM
+SD = NoiseSchedule(ScheduleConfig("scaled_linear", 1000, 0.00085, 0.012))  # Stable Diffusion
+COSINE = NoiseSchedule(ScheduleConfig("cosine", 1000))
+DIFFUSERS_BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+class FakeEps(nn.Module):
+    """A deterministic nonlinear epsilon "network" on the VP state ``x`` at timestep ``t``.
+
+    The exact noise prediction for N(0, 0.5 I) data plus a t-dependent tanh term (whose effect
+    on x0 stays below 0.6), so every sampler's output depends on the network's nonlinearity and
+    on the timestep it is given. ``round_t`` rounds the timestep first; ``t_shift`` offsets it.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, *, round_t: bool = False, t_shift: float = 0.0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(7)
+        dim = math.prod(SHAPE[1:])
+        self.register_buffer("weight", torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim**0.5)
+        self.register_buffer("bias", 0.1 * torch.randn(dim, generator=generator, dtype=torch.float64))
+        self.schedule = schedule
+        self.round_t = round_t
+        self.t_shift = t_shift
+
+    def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        batch = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(batch)
+        if self.round_t:
+            t = t.round()
+        t = t + self.t_shift
+        alpha_bar = 1.0 / (1.0 + self.schedule.t_to_sigma(t) ** 2)  # (B,)
+        flat = x.double().reshape(batch, -1)
+        gauss = ((1 - alpha_bar).sqrt() / (0.5 * alpha_bar + 1 - alpha_bar))[:, None] * flat
+        wiggle = (1 + 0.5 * torch.sin(t / 37))[:, None]
+        mixed = (flat[:, None, :] * self.weight).sum(-1) + self.bias  # flat @ weight.T, without BLAS overhead
+        extra = 0.4 * alpha_bar.sqrt()[:, None] * wiggle * torch.tanh(mixed)
+        return (gauss + extra).reshape(x.shape).to(x.dtype)
+
+
+# ---- harness ------------------------------------------------------------------------------------
+
+
+def _scheduler(cls, schedule: NoiseSchedule, *, float64: bool = True, **config):
+    """A diffusers scheduler on ``schedule``; with ``float64`` its tables are inkwash's float64 ones."""
+    sched = cls(
+        num_train_timesteps=schedule.num_steps,
+        beta_start=schedule.config.beta_start,
+        beta_end=schedule.config.beta_end,
+        beta_schedule=DIFFUSERS_BETA_SCHEDULE[schedule.config.beta_schedule],
+        **config,
+    )
+    if float64:
+        sched.betas = schedule.betas.clone()
+        sched.alphas = schedule.alphas.clone()
+        sched.alphas_cumprod = schedule.alpha_bar.clone()
+        if hasattr(sched, "final_alpha_cumprod"):  # DDIM, PNDM
+            one = torch.tensor(1.0, dtype=torch.float64)
+            sched.final_alpha_cumprod = one if sched.config.set_alpha_to_one else sched.alphas_cumprod[0]
+    return sched
+
+
+def _set_timesteps(sched, steps: int, *, float64: bool = True) -> None:
+    sched.set_timesteps(steps)
+    if float64 and isinstance(getattr(sched, "sigmas", None), torch.Tensor):
+        sched.sigmas = sched.sigmas.double()  # float32 values, float64 arithmetic
+
+
+def _initial(seed: int = 0) -> torch.Tensor:
+    """A standard normal VP state."""
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _noise(seed: int, dtype: torch.dtype = torch.float64) -> Callable[[], torch.Tensor]:
+    """inkwash's noise source: the draws diffusers' randn_tensor makes from _generator(seed)."""
+    generator = _generator(seed)
+    return lambda: torch.randn(SHAPE, generator=generator, dtype=dtype).double()
+
+
+def _diffusers_states(sched, net: Callable, x: torch.Tensor, *, keep=None, **step_kwargs) -> list[torch.Tensor]:
+    """diffusers' sampling loop; returns the state before each kept step, then the result.
+
+    ``keep(sched)`` is asked before each step; it drops the inner evaluations of Heun, KDPM2 and
+    PNDM so the list lines up with inkwash's steps."""
+    states = []
+    for t in sched.timesteps:
+        if keep is None or keep(sched):
+            states.append(x)
+        eps = net(sched.scale_model_input(x, t), t)
+        x = sched.step(eps, t, x, **step_kwargs).prev_sample
+    return [*states, x]
+
+
+def _inkwash_states(
+    sampler: str,
+    schedule: NoiseSchedule,
+    x_ve: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    vp: bool,
+    net: nn.Module | None = None,
+    denoised: list | None = None,
+    **kwargs,
+) -> list[torch.Tensor]:
+    """inkwash's sampler; the state at the start of each step (from the callback), then the result,
+    converted to the VP state ``x / sqrt(1 + sigma^2)`` when ``vp``. Each step's data prediction
+    is appended to ``denoised`` when it is given."""
+    states = []
+
+    def to_space(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x / math.sqrt(1 + sigma**2) if vp else x
+
+    def callback(info: dict) -> None:
+        states.append(to_space(info["x"], info["sigma"]))
+        if denoised is not None:
+            denoised.append(info["denoised"])
+
+    denoiser = EpsDenoiser(net if net is not None else FakeEps(schedule), schedule)
+    out = SAMPLERS[sampler].fn(denoiser, x_ve, sigmas.double(), callback=callback, **kwargs)
+    return [*states, to_space(out, float(sigmas[-1]))]
+
+
+def _ve(x_vp: torch.Tensor, sigma) -> torch.Tensor:
+    return x_vp * math.sqrt(1 + float(sigma) ** 2)
+
+
+def _rel_err(expected: torch.Tensor, got: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def _max_rel_err(expected: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """The largest difference over all states, relative to the state's largest entry."""
+    assert len(expected) == len(got), (len(expected), len(got))
+    assert all(torch.isfinite(x).all() for x in expected + got)
+    return max(_rel_err(e, g) for e, g in zip(expected, got, strict=True))
+
+
+# ---- the agreement cases --------------------------------------------------------------------------
+# Each returns (diffusers' states, inkwash's states) in the same space.
+
+
+def _ddpm(variance_type: str, variance: str):
+    sched = _scheduler(DDPMScheduler, LINEAR, variance_type=variance_type, clip_sample=False)
+    _set_timesteps(sched, 20)
+    assert torch.equal(sched.timesteps, timesteps_for(LINEAR, 20, "leading"))
+    sigmas = build_sigmas(LINEAR, 20, "leading")
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x, generator=_generator(1))
+    got = _inkwash_states("ddpm", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, noise=_noise(1), variance=variance)
+    return expected, got
+
+
+def _ddim(eta: float):
+    # set_alpha_to_one=True: the last step goes to alpha_bar = 1, i.e. sigma = 0, as inkwash's does.
+    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=False, set_alpha_to_one=True)
+    # "leading" spacing, and 20 divides 1000 (see test_ddim_previous_timestep_assumes_even_spacing).
+    _set_timesteps(sched, 20)
+    assert torch.equal(sched.timesteps, timesteps_for(LINEAR, 20, "leading"))
+    sigmas = build_sigmas(LINEAR, 20, "leading")
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x, eta=eta, generator=_generator(1))
+    got = _inkwash_states("ddim", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, noise=_noise(1), eta=eta)
+    return expected, got
+
+
+def _ddim_to_sigma_min():
+    """Stable Diffusion's DDIM settings: steps_offset=1 and set_alpha_to_one=False, so the last step
+    lands on alpha_bar[0] (sigma_min), not on sigma = 0; inkwash gets the same final sigma."""
+    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    _set_timesteps(sched, 20)
+    assert sched.timesteps[-1] == 1
+    sigmas = torch.cat([LINEAR.sigmas[sched.timesteps], LINEAR.sigmas[:1]])
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x, eta=1.0, generator=_generator(1))
+    got = _inkwash_states("ddim", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, noise=_noise(1), eta=1.0)
+    return expected, got
+
+
+def _plms(sd_settings: bool):
+    """PNDMScheduler(skip_prk_steps=True), the latent-diffusion PLMS. With ``sd_settings``
+    (steps_offset=1, set_alpha_to_one=False, diffusers' PNDM default) the last step ends at sigma_min."""
+    config = {"steps_offset": 1, "set_alpha_to_one": False} if sd_settings else {"set_alpha_to_one": True}
+    sched = _scheduler(PNDMScheduler, LINEAR, skip_prk_steps=True, **config)
+    _set_timesteps(sched, 20)
+    steps = torch.from_numpy(sched._timesteps.astype(np.int64)).flip(0)
+    if sd_settings:
+        sigmas = torch.cat([LINEAR.sigmas[steps], LINEAR.sigmas[:1]])
+    else:
+        assert torch.equal(steps, timesteps_for(LINEAR, 20, "leading"))
+        sigmas = build_sigmas(LINEAR, 20, "leading")
+    x = _initial()
+    # The second call (counter 1) is the inner evaluation of PLMS's first, Heun-like step.
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x, keep=lambda s: s.counter != 1)
+    got = _inkwash_states("plms", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True)
+    return expected, got
+
+
+def _ve_scheduler_case(cls, sampler: str, *, config: dict, keep=None, noise: bool = False, options=None):
+    """A scheduler working on the VE state x0 + sigma*eps, with inkwash given diffusers' sigmas."""
+    sched = _scheduler(cls, SD, **config)
+    _set_timesteps(sched, 20)
+    sigmas = sched.sigmas.unique_consecutive()  # Heun and KDPM2 list each inner sigma twice
+    assert sigmas[-1] == 0 and len(sigmas) == 21
+    x = _ve(_initial(), sigmas[0])
+    kwargs = {"generator": _generator(1)} if noise else {}
+    expected = _diffusers_states(sched, FakeEps(SD), x, keep=keep, **kwargs)
+    noise_kwargs = {"noise": _noise(1)} if noise else {}
+    got = _inkwash_states(sampler, SD, x, sigmas, vp=False, **noise_kwargs, **(options or {}))
+    return expected, got
+
+
+def _first_order_only(sched) -> bool:
+    return sched.state_in_first_order
+
+
+def _euler(karras: bool):
+    # Integer timesteps ("leading"), or Karras sigmas whose timesteps diffusers finds with the same
+    # log-sigma interpolation as inkwash's sigma_to_t. For the default "linspace" spacing see
+    # test_linspace_spacing_gives_the_network_a_linearly_interpolated_timestep.
+    config = {"use_karras_sigmas": True} if karras else {"timestep_spacing": "leading"}
+    return _ve_scheduler_case(EulerDiscreteScheduler, "euler", config=config)
+
+
+def _euler_ancestral():
+    config = {"timestep_spacing": "trailing"}
+    return _ve_scheduler_case(EulerAncestralDiscreteScheduler, "euler_ancestral", config=config, noise=True)
+
+
+def _heun(karras: bool):
+    config = {"use_karras_sigmas": True} if karras else {"timestep_spacing": "trailing"}
+    return _ve_scheduler_case(HeunDiscreteScheduler, "heun", config=config, keep=_first_order_only)
+
+
+def _dpm_2():
+    config = {"timestep_spacing": "trailing"}
+    return _ve_scheduler_case(KDPM2DiscreteScheduler, "dpm_2", config=config, keep=_first_order_only)
+
+
+def _lms(karras: bool):
+    config = {"use_karras_sigmas": True} if karras else {"timestep_spacing": "leading"}
+    return _ve_scheduler_case(LMSDiscreteScheduler, "lms", config=config, options={"order": 4})
+
+
+def _multistep_vp_case(cls, sampler: str, *, config: dict, net_options=None, noise_dtype=None, options=None):
+    """DPM-Solver++ and UniPC work on the VP state; inkwash gets diffusers' sigmas."""
+    sched = _scheduler(cls, LINEAR, **config)
+    _set_timesteps(sched, 20)
+    sigmas = sched.sigmas
+    assert sigmas[-1] == 0 and len(sigmas) == 21
+    x = _initial()
+    kwargs = {"generator": _generator(1)} if noise_dtype is not None else {}
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x, **kwargs)
+    noise_kwargs = {"noise": _noise(1, noise_dtype)} if noise_dtype is not None else {}
+    net = FakeEps(LINEAR, **(net_options or {}))
+    got = _inkwash_states(
+        sampler, LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, net=net, **noise_kwargs, **(options or {})
+    )
+    return expected, got
+
+
+DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}
+
+
+def _dpmpp_2m(karras: bool):
+    # With Karras sigmas diffusers rounds the timesteps it gives the network (see
+    # test_dpmpp_karras_rounds_the_network_timestep), so inkwash's network rounds too here.
+    config = {**DPMPP_2M, "use_karras_sigmas": karras}
+    net_options = {"round_t": True} if karras else None
+    return _multistep_vp_case(DPMSolverMultistepScheduler, "dpmpp_2m", config=config, net_options=net_options)
+
+
+def _dpmpp_2m_sde(solver_type: str):
+    config = {**DPMPP_2M, "algorithm_type": "sde-dpmsolver++", "solver_type": solver_type}
+    # diffusers draws the SDE noise as float32 (DPMSolverMultistepScheduler.step, randn_tensor(dtype=float32)).
+    return _multistep_vp_case(
+        DPMSolverMultistepScheduler,
+        "dpmpp_2m_sde",
+        config=config,
+        noise_dtype=torch.float32,
+        options={"eta": 1.0, "solver_type": solver_type},
+    )
+
+
+def _unipc(order: int, variant: str):
+    config = {"solver_order": order, "solver_type": variant}  # otherwise diffusers' defaults
+    options = {"order": order, "variant": variant}
+    return _multistep_vp_case(UniPCMultistepScheduler, "unipc", config=config, options=options)
+
+
+# name: (case, tolerance on the largest state difference relative to the state's scale; see the
+# module docstring for the three tolerance classes)
+CASES = {
+    "ddpm fixed_small = beta_tilde": (lambda: _ddpm("fixed_small", "beta_tilde"), 1e-12),
+    "ddpm fixed_large = beta": (lambda: _ddpm("fixed_large", "beta"), 1e-12),
+    "ddim eta=0": (lambda: _ddim(0.0), 1e-12),
+    "ddim eta=1": (lambda: _ddim(1.0), 1e-12),
+    "ddim eta=1 to sigma_min": (_ddim_to_sigma_min, 1e-12),
+    "plms (pndm skip_prk_steps)": (lambda: _plms(False), 1e-12),
+    "plms to sigma_min": (lambda: _plms(True), 1e-12),
+    "euler leading": (lambda: _euler(False), 2e-6),
+    "euler karras": (lambda: _euler(True), 2e-6),
+    "euler_ancestral trailing": (_euler_ancestral, 2e-6),
+    "heun trailing": (lambda: _heun(False), 5e-7),
+    "heun karras": (lambda: _heun(True), 5e-7),
+    "dpm_2 trailing": (_dpm_2, 5e-7),
+    "lms leading": (lambda: _lms(False), 5e-7),
+    "lms karras": (lambda: _lms(True), 5e-7),
+    "dpmpp_2m": (lambda: _dpmpp_2m(False), 2e-6),
+    "dpmpp_2m karras (rounded t)": (lambda: _dpmpp_2m(True), 2e-6),
+    "dpmpp_2m_sde midpoint": (lambda: _dpmpp_2m_sde("midpoint"), 2e-6),
+    "dpmpp_2m_sde heun": (lambda: _dpmpp_2m_sde("heun"), 2e-6),
+    "unipc bh2 order 2": (lambda: _unipc(2, "bh2"), 5e-7),
+    "unipc bh2 order 3": (lambda: _unipc(3, "bh2"), 5e-7),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sampler_matches_diffusers_step_by_step(name):
+    case, tolerance = CASES[name]
+    expected, got = case()
+    assert _max_rel_err(expected, got) < tolerance
+
+
+def test_harness_detects_a_network_timestep_off_by_one():
+    """The comparison can fail: inkwash's network told t + 1 instead of t is far outside tolerance."""
+    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=False)
+    _set_timesteps(sched, 20)
+    sigmas = build_sigmas(LINEAR, 20, "leading")
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x)
+    got = _inkwash_states("ddim", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, net=FakeEps(LINEAR, t_shift=1.0))
+    assert _max_rel_err(expected, got) > 1e-4
+
+
+# ---- schedules --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [LINEAR, SD, COSINE], ids=["linear", "scaled_linear", "cosine"])
+def test_schedule_tables_match_diffusers(schedule):
+    """diffusers' float32 tables (cosine = "squaredcos_cap_v2") equal inkwash's float64 ones to float32 precision."""
+    sched = _scheduler(DDPMScheduler, schedule, float64=False)
+    assert sched.betas.dtype == torch.float32
+    torch.testing.assert_close(sched.betas.double(), schedule.betas, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sched.alphas_cumprod.double(), schedule.alpha_bar, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20, 30, 333, 999, 1000])
+@pytest.mark.parametrize(
+    ("spacing", "diffusers_spacing"), [("uniform", "linspace"), ("leading", "leading"), ("trailing", "trailing")]
+)
+def test_timesteps_match_diffusers(spacing, diffusers_spacing, steps):
+    sched = _scheduler(DDIMScheduler, LINEAR, timestep_spacing=diffusers_spacing)
+    sched.set_timesteps(steps)
+    assert torch.equal(timesteps_for(LINEAR, steps, spacing), sched.timesteps)
+
+
+@pytest.mark.parametrize("kind", ["karras", "exponential"])
+@pytest.mark.parametrize("cls", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_karras_and_exponential_sigmas_match_diffusers(cls, kind):
+    """Same sigma range and formula; diffusers rounds the result to float32."""
+    sched = _scheduler(getattr(diffusers, cls), SD, **{f"use_{kind}_sigmas": True})
+    sched.set_timesteps(25)
+    torch.testing.assert_close(sched.sigmas.double(), build_sigmas(SD, 25, kind), rtol=1e-6, atol=0)
+
+
+def test_sigma_to_t_matches_diffusers():
+    """diffusers' _sigma_to_t (used for Karras and exponential sigmas) interpolates log-sigma like inkwash."""
+    sched = _scheduler(EulerDiscreteScheduler, SD)
+    sigmas = torch.exp(torch.linspace(math.log(SD.sigma_min) - 1, math.log(SD.sigma_max) + 1, 301, dtype=torch.float64))
+    ours = SD.sigma_to_t(sigmas)
+    theirs = sched._sigma_to_t(sigmas.numpy(), SD.log_sigmas.numpy())
+    torch.testing.assert_close(ours, torch.from_numpy(theirs), rtol=0, atol=1e-9)
+    assert ours.min() == 0 and ours.max() == 999 and 0 < ours[150] < 999
+
+
+# ---- where diffusers departs from the published algorithms ----------------------------------------
+
+
+def test_ddim_previous_timestep_assumes_even_spacing():
+    """DDIMScheduler.step: ``prev_timestep = timestep - num_train_timesteps // num_inference_steps``
+    (Song et al. 2021 step from tau_i to tau_{i-1} of the chosen subsequence). With "linspace" or
+    "trailing" spacing and a step count that does not divide T, that is not the next timestep of
+    ``self.timesteps``: 30 linspace steps are 999, 965, 930, ... but the first step lands on 966.
+    (PNDMScheduler.step_plms derives prev_timestep the same way.)"""
+    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=False, timestep_spacing="linspace")
+    _set_timesteps(sched, 30)
+    steps = sched.timesteps
+    assert steps[:3].tolist() == [999, 965, 930]
+    net, x = FakeEps(LINEAR), _initial()
+    first = sched.step(net(x, steps[0]), steps[0], x).prev_sample
+
+    def inkwash_step(t_next: int) -> torch.Tensor:
+        sigmas = LINEAR.sigmas[[999, t_next]]
+        out = SAMPLERS["ddim"].fn(EpsDenoiser(net, LINEAR), _ve(x, sigmas[0]), sigmas)
+        return out / math.sqrt(1 + sigmas[1].item() ** 2)
+
+    assert _rel_err(first, inkwash_step(999 - 1000 // 30)) < 1e-12  # lands on t = 966
+    assert _rel_err(first, inkwash_step(965)) > 1e-6  # not on the grid's next timestep
+    # Over a whole run the states drift apart from inkwash's DDIM on the same timesteps.
+    expected = _diffusers_states(sched, net, x)
+    sigmas = torch.cat([LINEAR.sigmas[steps], LINEAR.sigmas.new_zeros(1)])
+    got = _inkwash_states("ddim", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True)
+    assert _max_rel_err(expected, got) > 5e-3
+
+
+def test_ddpm_adds_noise_on_the_final_step_when_the_last_timestep_is_not_0():
+    """Ho et al. 2020, Algorithm 2, line 3: z = 0 on the last step (improved-diffusion's respaced
+    chain: ``nonzero_mask = (t != 0)`` on the respaced index). DDPMScheduler.step tests the original
+    timestep, ``if t > 0:``, so with "trailing" spacing (last timestep 99; likewise "leading" with
+    steps_offset=1) the last step adds noise: with variance_type="fixed_large" its variance is
+    ``current_beta_t = 1 - alpha_prod_t / 1``. ("fixed_small" gives 0 there, clamped to 1e-20.)"""
+    sched = _scheduler(
+        DDPMScheduler, LINEAR, variance_type="fixed_large", clip_sample=False, timestep_spacing="trailing"
+    )
+    _set_timesteps(sched, 10)
+    assert sched.timesteps[-1] == 99
+    sigmas = build_sigmas(LINEAR, 10, "trailing")
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x, generator=_generator(1))
+    noise = _noise(1)
+    got = _inkwash_states("ddpm", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, noise=noise, variance="beta")
+    assert _max_rel_err(expected[:-1], got[:-1]) < 1e-12
+    # inkwash drew 9 noises; diffusers' final sample carries a 10th, scaled by sqrt(1 - alpha_bar[99]).
+    extra = math.sqrt(1 - LINEAR.alpha_bar[99].item()) * noise()
+    torch.testing.assert_close(expected[-1] - got[-1], extra, rtol=0, atol=1e-12)
+    assert extra.std() > 0.25
+
+
+def test_euler_churn_evaluates_the_network_before_the_churn_noise():
+    """Karras et al. 2022, Algorithm 2: raise sigma to sigma_hat (x_hat = x + sqrt(sigma_hat^2 -
+    sigma^2) z), then evaluate D(x_hat, sigma_hat). diffusers' pipeline evaluates the network at
+    (x, t) first; EulerDiscreteScheduler.step then adds the churn noise (``sample = sample + eps *
+    (sigma_hat**2 - sigma**2) ** 0.5``) and reuses that output: ``pred_original_sample = sample -
+    sigma_hat * model_output``. So the Euler slope is eps(x, t), not the one at x_hat."""
+    sched = _scheduler(EulerDiscreteScheduler, SD, timestep_spacing="leading")
+    _set_timesteps(sched, 10)
+    sigma, sigma_next = sched.sigmas[0].item(), sched.sigmas[1].item()
+    churn = {"s_churn": 1.0, "s_tmin": (sigma + sigma_next) / 2}  # gamma = 1/10, on the first step only
+    x = _ve(_initial(), sigma)
+    expected = _diffusers_states(sched, FakeEps(SD), x, generator=_generator(1), **churn)
+    got = _inkwash_states("euler", SD, x, sched.sigmas, vp=False, noise=_noise(1), **churn)
+    sigma_hat = 1.1 * sigma
+    x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * _noise(1)()
+    eps_before = FakeEps(SD)(x / math.sqrt(1 + sigma**2), sched.timesteps[0])
+    assert _rel_err(x_hat + eps_before * (sigma_next - sigma_hat), expected[1]) < 1e-6
+    denoised_hat = EpsDenoiser(FakeEps(SD), SD)(x_hat, sigma_hat)
+    assert _rel_err(x_hat + (x_hat - denoised_hat) / sigma_hat * (sigma_next - sigma_hat), got[1]) < 1e-9
+    assert _rel_err(expected[1], got[1]) > 1e-4
+    assert _rel_err(expected[-1], got[-1]) > 1e-4
+
+
+class LinearInterpolatedT(nn.Module):
+    """FakeEps told diffusers' "linspace" timestep: t(sigma) by linear interpolation in sigma."""
+
+    def __init__(self, schedule: NoiseSchedule) -> None:
+        super().__init__()
+        self.net, self.schedule = FakeEps(schedule), schedule
+
+    def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        sigma = self.schedule.t_to_sigma(torch.as_tensor(t, dtype=torch.float64))
+        table = self.schedule.sigmas.numpy()
+        return self.net(x, torch.from_numpy(np.interp(sigma.numpy(), table, np.arange(len(table), dtype=float))))
+
+
+def test_linspace_spacing_gives_the_network_a_linearly_interpolated_timestep():
+    """Not an error, a different convention: EulerDiscreteScheduler's default "linspace" spacing
+    (as in Euler a, Heun, LMS and KDPM2) uses fractional timesteps ``np.linspace(0, T - 1, n)`` and
+    ``sigmas = np.interp(timesteps, np.arange(T), sigmas)``, linear in sigma, while inkwash's
+    t(sigma), like k-diffusion's, interpolates log-sigma. So the network is told a timestep up to
+    1.3e-3 away, which moves the samples by ~2e-6 (relative) here; told diffusers' timestep,
+    inkwash's Euler agrees as closely as in the other Euler cases."""
+    sched = _scheduler(EulerDiscreteScheduler, SD)
+    _set_timesteps(sched, 20)
+    t_diffusers = sched.timesteps.double()
+    assert (t_diffusers != t_diffusers.round()).any()
+    gap = (SD.sigma_to_t(sched.sigmas[:-1]) - t_diffusers).abs().max().item()
+    assert 5e-4 < gap < 1e-2
+    x = _ve(_initial(), sched.sigmas[0])
+    expected = _diffusers_states(sched, FakeEps(SD), x)
+    linear_t = _inkwash_states("euler", SD, x, sched.sigmas, vp=False, net=LinearInterpolatedT(SD))
+    assert _max_rel_err(expected, linear_t) < 1e-6
+    log_t = _inkwash_states("euler", SD, x, sched.sigmas, vp=False)
+    assert _max_rel_err(expected, log_t) < 1e-5
+
+
+def test_dpmpp_karras_rounds_the_network_timestep():
+    """DPMSolverMultistepScheduler.set_timesteps with use_karras_sigmas: ``timesteps =
+    timesteps.round()`` (for every beta schedule but squaredcos_cap_v2), while step() uses the
+    unrounded Karras sigmas: the network is conditioned on round(t(sigma)), not t(sigma). The
+    agreement case "dpmpp_2m karras (rounded t)" matches once inkwash's network rounds too."""
+    sched = _scheduler(DPMSolverMultistepScheduler, LINEAR, **DPMPP_2M, use_karras_sigmas=True)
+    _set_timesteps(sched, 20)
+    t_exact = LINEAR.sigma_to_t(sched.sigmas[:-1])
+    assert torch.equal(sched.timesteps.double(), t_exact.round())
+    assert (t_exact - sched.timesteps).abs().max() > 0.1
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x)
+    got = _inkwash_states("dpmpp_2m", LINEAR, _ve(x, sched.sigmas[0]), sched.sigmas, vp=True)
+    assert _max_rel_err(expected, got) > 1e-4
+
+
+def test_dpmpp_2m_at_1000_steps():
+    """Stock diffusers (float32 tables) DPM-Solver++(2M) at 1000 steps, default "linspace" spacing:
+    ``np.linspace(0, last_timestep - 1, num_inference_steps + 1).round()[::-1][:-1]`` puts 1001
+    points on [0, 999], so timestep 500 appears twice. Step 499 goes from t = 500 to t = 500 (h = 0,
+    the state is unchanged); step 500 then has r0 = h_0 / h = 0 and the same model output twice, so
+    ``D1 = (1.0 / r0) * (m0 - m1)`` = inf * 0 = NaN (multistep_dpm_solver_second_order_update), and
+    every later state is NaN. inkwash's uniform 1000-step schedule (t = 999 .. 0, all distinct) stays
+    finite. (A cheap exact model of N(0, 0.5) data keeps the 2 x 1000 steps fast.)"""
+    variance = 0.5
+
+    def eps(x_vp: torch.Tensor, t) -> torch.Tensor:
+        alpha_bar = LINEAR.alpha_bar[int(t)].item()
+        return x_vp * math.sqrt(1 - alpha_bar) / (variance * alpha_bar + 1 - alpha_bar)
+
+    sched = _scheduler(DPMSolverMultistepScheduler, LINEAR, float64=False, **DPMPP_2M)
+    _set_timesteps(sched, 1000, float64=False)
+    steps = sched.timesteps.tolist()
+    assert len(steps) == 1000 and steps[499] == steps[500] == 500
+    states = _diffusers_states(sched, eps, _initial().float())
+    finite = [bool(torch.isfinite(s).all()) for s in states]
+    assert all(finite[:501]) and not any(finite[501:])
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        return x * variance / (variance + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    sigmas = build_sigmas(LINEAR, 1000, "uniform")
+    assert len(sigmas.unique()) == 1001
+    out = SAMPLERS["dpmpp_2m"].fn(denoiser, _ve(_initial(), sigmas[0]), sigmas)
+    assert torch.isfinite(out).all() and 0.3 < out.std() < 1.0
+
+
+def test_unipc_bh1_final_step_to_zero_is_nan():
+    """UniPCMultistepScheduler(solver_type="bh1") with the default final_sigmas_type="zero": on the
+    last step sigma_next = 0, so h = inf and ``B_h = hh = -inf``; with order 1 there ``pred_res = 0``
+    and ``x_t = x_t_ - alpha_t * B_h * pred_res`` is -inf * 0 = NaN (multistep_uni_p_bh_update).
+    Every earlier state agrees with inkwash's unipc(variant="bh1"), whose last step returns the limit,
+    the data prediction."""
+    expected, got = _unipc(2, "bh1")
+    assert _max_rel_err(expected[:-1], got[:-1]) < 1e-12
+    assert expected[-1].isnan().all()
+    assert torch.isfinite(got[-1]).all()
+
+
+def test_dpmpp_3m_sde_second_difference_has_the_wrong_sign():
+    """DPMSolverMultistepScheduler.multistep_dpm_solver_third_order_update, "sde-dpmsolver++":
+    ``+ (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2``. Its own ODE
+    branch (and k-diffusion's sample_dpmpp_3m_sde, which inkwash follows) has ``-(phi_2 / h_eta - 0.5)``,
+    i.e. ``... + 0.5``: the SDE coefficient is 1 too small, so it does not vanish as h -> 0. The first
+    two steps (first and second order, solver_type="heun" as inkwash's warm-up) agree; after the first
+    third-order step the states differ by exactly alpha_t * D2."""
+    config = {**DPMPP_2M, "algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}
+    sched = _scheduler(DPMSolverMultistepScheduler, LINEAR, **config)
+    _set_timesteps(sched, 20)
+    sigmas = sched.sigmas
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x, generator=_generator(1))
+    denoised = []
+    got = _inkwash_states(
+        "dpmpp_3m_sde", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, noise=_noise(1, torch.float32), denoised=denoised
+    )
+    assert _max_rel_err(expected[:3], got[:3]) < 1e-6
+    lam = -sigmas[:4].log()
+    h, h_1, h_2 = (lam[3] - lam[2]).item(), (lam[2] - lam[1]).item(), (lam[1] - lam[0]).item()
+    r0, r1 = h_1 / h, h_2 / h
+    d1_0, d1_1 = (denoised[2] - denoised[1]) / r0, (denoised[1] - denoised[0]) / r1
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    alpha = 1 / math.sqrt(1 + sigmas[3].item() ** 2)
+    assert _rel_err(alpha * d2, got[3] - expected[3]) < 1e-4
+    assert _rel_err(expected[3], got[3]) > 1e-4
