@@ -202,3 +202,55 @@ def test_option_that_does_not_apply_to_the_sampler(trained_run, tmp_path):
         "sample", "--checkpoint", str(trained_run), "--out", str(tmp_path), "--sampler", "heun", "--eta", "1"
     )
     assert_clean_error(result, "--eta does not apply to the Heun sampler")
+
+
+def test_img2img_and_inpainting_from_the_cli(trained_run, tmp_path):
+    pixels = (np.random.RandomState(0).rand(16, 16) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, :8] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "same"
+    result = run_cli(
+        "sample",
+        "--checkpoint",
+        str(trained_run),
+        "--out",
+        str(out),
+        "--init-image",
+        str(tmp_path / "init.png"),
+        "--strength",
+        "0",
+        "--num-images",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "0 model evaluations" in result.stdout
+    assert np.array_equal(np.load(out / "samples.npz")["samples"][..., 0], np.stack([pixels, pixels]))
+    out = tmp_path / "inpaint"
+    result = run_cli(
+        "sample",
+        "--checkpoint",
+        str(trained_run),
+        "--out",
+        str(out),
+        "--init-image",
+        str(tmp_path / "init.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--strength",
+        "1",
+        "--sampler",
+        "dpmpp_2m",
+        "--steps",
+        "3",
+        "--num-images",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    samples = np.load(out / "samples.npz")["samples"][..., 0]
+    assert np.array_equal(samples[:, :, 8:], np.stack([pixels, pixels])[:, :, 8:])
+    assert_clean_error(
+        run_cli("sample", "--checkpoint", str(trained_run), "--out", str(out), "--mask", str(tmp_path / "mask.png")),
+        "--mask needs --init-image",
+    )
