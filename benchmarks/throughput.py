@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from inkwash.denoiser import EpsDenoiser
+from inkwash.denoiser import ModelDenoiser
 from inkwash.samplers import sample_ddim
 from inkwash.schedule import NoiseSchedule
 from inkwash.steps import build_sigmas
@@ -90,7 +90,7 @@ def diffusers_train_step(model, batch_size, shape):
 
 
 def inkwash_sampler(model, schedule, batch_size, shape, steps):
-    denoiser = EpsDenoiser(model.eval(), schedule)
+    denoiser = ModelDenoiser(model.eval(), schedule)
     sigmas = build_sigmas(schedule, steps, "leading")
 
     def run():

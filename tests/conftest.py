@@ -10,7 +10,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-from inkwash.denoiser import EpsDenoiser
+from inkwash.denoiser import ModelDenoiser
 from inkwash.schedule import NoiseSchedule
 from inkwash.unet import UNet, preset
 
@@ -57,4 +57,4 @@ def tiny_denoiser():
         for block in model.modules():
             if hasattr(block, "conv2"):
                 block.conv2.weight.normal_(0, 0.02)
-    return EpsDenoiser(model.eval(), NoiseSchedule())
+    return ModelDenoiser(model.eval(), NoiseSchedule())

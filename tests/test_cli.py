@@ -254,3 +254,45 @@ def test_img2img_and_inpainting_from_the_cli(trained_run, tmp_path):
         run_cli("sample", "--checkpoint", str(trained_run), "--out", str(out), "--mask", str(tmp_path / "mask.png")),
         "--mask needs --init-image",
     )
+
+
+def test_v_prediction_with_zero_terminal_snr(tmp_path):
+    run = tmp_path / "v"
+    result = run_cli(
+        "train",
+        "--data",
+        "digits",
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--prediction",
+        "v",
+        "--zero-terminal-snr",
+        "--beta-schedule",
+        "sigmoid",
+    )
+    assert result.returncode == 0, result.stderr
+    result = run_cli(
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "s"),
+        "--sampler",
+        "euler_ancestral",
+        "--steps",
+        "3",
+        "--num-images",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 model evaluations" in result.stdout
+    assert_clean_error(
+        run_cli("train", "--data", "digits", "--out", str(run), "--zero-terminal-snr"),
+        "--zero-terminal-snr needs --prediction v or x0",
+    )

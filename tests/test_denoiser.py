@@ -1,6 +1,6 @@
 import torch
 
-from inkwash.denoiser import EpsDenoiser
+from inkwash.denoiser import ModelDenoiser
 from inkwash.schedule import NoiseSchedule
 
 
@@ -26,7 +26,7 @@ def test_eps_wrapper_matches_the_vp_forward_process():
     sigma = schedule.sigmas[t]
     x = x0 + sigma.reshape(-1, 1, 1, 1) * eps  # the denoiser's convention
     net = RecordingEps(eps)
-    denoised = EpsDenoiser(net, schedule)(x, sigma)
+    denoised = ModelDenoiser(net, schedule)(x, sigma)
     # The network sees exactly the DDPM input x_t and the integer timestep.
     assert torch.allclose(net.seen[0], x_t_vp, atol=1e-10)
     assert torch.allclose(net.seen[1].double(), t.double(), atol=1e-4)
@@ -38,5 +38,34 @@ def test_fractional_sigma_gives_fractional_timestep():
     schedule = NoiseSchedule()
     net = RecordingEps(torch.zeros(1, 1, 2, 2))
     sigma = schedule.t_to_sigma(torch.tensor([100.5]))
-    EpsDenoiser(net, schedule)(torch.zeros(1, 1, 2, 2), sigma)
+    ModelDenoiser(net, schedule)(torch.zeros(1, 1, 2, 2), sigma)
     assert abs(net.seen[1].item() - 100.5) < 1e-4
+
+
+class Fixed(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, t, cond=None):
+        return self.out
+
+
+def test_x0_and_v_predictions_recover_x0():
+    import pytest
+
+    from inkwash.denoiser import ModelDenoiser
+
+    schedule = NoiseSchedule()
+    x0 = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    eps = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([3, 400, 999])
+    sigma = schedule.sigmas[t]
+    x = x0 + sigma.reshape(-1, 1, 1, 1) * eps
+    alpha_bar = schedule.alpha_bar[t].reshape(-1, 1, 1, 1)
+    v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+    assert torch.allclose(ModelDenoiser(Fixed(x0), schedule, "x0")(x, sigma), x0, atol=1e-12)
+    assert torch.allclose(ModelDenoiser(Fixed(v), schedule, "v")(x, sigma), x0, atol=1e-9)
+    assert torch.allclose(ModelDenoiser(Fixed(eps), schedule, "eps")(x, sigma), x0, atol=1e-9)
+    with pytest.raises(ValueError, match="prediction"):
+        ModelDenoiser(Fixed(x0), schedule, "score")

@@ -4,7 +4,7 @@ Both sides are driven by one deterministic, nonlinear epsilon "network" defined 
 variance-preserving (DDPM) state and by the same noise. diffusers draws its noise with
 ``randn_tensor``, i.e. ``torch.randn(shape, generator=g)``, so inkwash's ``noise`` callable draws
 from an identically seeded generator, in the same order. inkwash sees the network through
-``EpsDenoiser`` (``D(x, sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma))``), so the tests
+``ModelDenoiser`` (``D(x, sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma))``), so the tests
 also check that ``t(sigma)`` lands on the timestep that diffusers hands the network. Every state
 the network sees is compared, not only the final sample.
 
@@ -13,7 +13,7 @@ float64 tables (the two agree to float32 precision, see ``test_schedule_tables_m
 upcast diffusers' float32 sigma tables after ``set_timesteps`` (same values, float64 arithmetic)
 and give inkwash exactly those sigmas. DDPM, DDIM and PNDM then agree to ~1e-14. Elsewhere some
 float32 rounding is left: the sigmas are float32 values, so t(sigma) lands ~1e-6 off the integer
-timestep (and ``EpsDenoiser`` hands the network t as float32): ~1e-8 (Heun, LMS, UniPC, KDPM2,
+timestep (and ``ModelDenoiser`` hands the network t as float32): ~1e-8 (Heun, LMS, UniPC, KDPM2,
 which also computes its midpoints in float32); Euler, Euler a and DPM-Solver++ also cast the
 sample to float32 inside ``step``: ~2e-7. Tolerances are 1e-12, 5e-7 and 2e-6 respectively.
 LMS's coefficients come from scipy's quad with epsrel=1e-4, but quad is exact for the cubic
@@ -33,7 +33,7 @@ import pytest
 import torch
 from torch import nn
 
-from inkwash.denoiser import EpsDenoiser
+from inkwash.denoiser import ModelDenoiser
 from inkwash.samplers import SAMPLERS
 from inkwash.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.steps import build_sigmas, timesteps_for
@@ -175,7 +175,7 @@ def _inkwash_states(
         if denoised is not None:
             denoised.append(info["denoised"])
 
-    denoiser = EpsDenoiser(net if net is not None else FakeEps(schedule), schedule)
+    denoiser = ModelDenoiser(net if net is not None else FakeEps(schedule), schedule)
     out = SAMPLERS[sampler].fn(denoiser, x_ve, sigmas.double(), callback=callback, **kwargs)
     return [*states, to_space(out, float(sigmas[-1]))]
 
@@ -451,7 +451,7 @@ def test_ddim_previous_timestep_assumes_even_spacing():
 
     def inkwash_step(t_next: int) -> torch.Tensor:
         sigmas = LINEAR.sigmas[[999, t_next]]
-        out = SAMPLERS["ddim"].fn(EpsDenoiser(net, LINEAR), _ve(x, sigmas[0]), sigmas)
+        out = SAMPLERS["ddim"].fn(ModelDenoiser(net, LINEAR), _ve(x, sigmas[0]), sigmas)
         return out / math.sqrt(1 + sigmas[1].item() ** 2)
 
     assert _rel_err(first, inkwash_step(999 - 1000 // 30)) < 1e-12  # lands on t = 966
@@ -503,7 +503,7 @@ def test_euler_churn_evaluates_the_network_before_the_churn_noise():
     x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * _noise(1)()
     eps_before = FakeEps(SD)(x / math.sqrt(1 + sigma**2), sched.timesteps[0])
     assert _rel_err(x_hat + eps_before * (sigma_next - sigma_hat), expected[1]) < 1e-6
-    denoised_hat = EpsDenoiser(FakeEps(SD), SD)(x_hat, sigma_hat)
+    denoised_hat = ModelDenoiser(FakeEps(SD), SD)(x_hat, sigma_hat)
     assert _rel_err(x_hat + (x_hat - denoised_hat) / sigma_hat * (sigma_next - sigma_hat), got[1]) < 1e-9
     assert _rel_err(expected[1], got[1]) > 1e-4
     assert _rel_err(expected[-1], got[-1]) > 1e-4

@@ -105,3 +105,21 @@ def test_alpha_bar_sigma_and_snr():
     sigma = schedule.alpha_bar_to_sigma(alpha_bar)
     assert torch.allclose(schedule.sigma_to_alpha_bar(sigma), alpha_bar, rtol=1e-12)
     assert torch.allclose(schedule.snr(torch.tensor([0, 400, 999])), alpha_bar / (1 - alpha_bar), rtol=1e-9)
+
+
+def test_zero_terminal_snr_rescaling():
+    plain = NoiseSchedule()
+    zero = NoiseSchedule(ScheduleConfig(zero_terminal_snr=True))
+    assert zero.alpha_bar[-1].item() == pytest.approx(0.0, abs=1e-15)
+    assert zero.alpha_bar[0].item() == pytest.approx(plain.alpha_bar[0].item(), rel=1e-12)
+    assert torch.all(zero.alpha_bar[1:] < zero.alpha_bar[:-1])
+    # The infinite last sigma is replaced by a log-linear extension: finite and still increasing.
+    assert math.isfinite(zero.sigma_max)
+    assert zero.sigma_max == pytest.approx(zero.sigmas[-2].item() ** 2 / zero.sigmas[-3].item())
+    assert torch.all(zero.sigmas[1:] > zero.sigmas[:-1])
+
+
+def test_sigmoid_betas():
+    betas = make_betas("sigmoid", 1000)
+    assert torch.all(betas[1:] > betas[:-1])
+    assert 1e-4 < betas[0].item() < 2e-4 and 0.0199 < betas[-1].item() < 0.02

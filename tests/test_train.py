@@ -62,3 +62,34 @@ def test_epoch_sampler_visits_every_item_once_per_epoch():
     seen = torch.cat([sampler.next() for _ in range(5)])  # 20 = two epochs
     assert sorted(seen[:10].tolist()) == list(range(10))
     assert sorted(seen[10:].tolist()) == list(range(10))
+
+
+def test_x0_and_v_targets():
+    from inkwash.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule()
+    x0 = torch.full((8, 1, 4, 4), 0.5)
+
+    class KnowsX0(torch.nn.Module):
+        def forward(self, x_t, t):
+            return torch.full_like(x_t, 0.5)
+
+    assert diffusion_loss(KnowsX0(), schedule, x0, torch.Generator().manual_seed(0), "x0").item() < 1e-12
+
+    class KnowsV(torch.nn.Module):
+        """v = (sqrt(alpha_bar) x_t - x0) / sqrt(1 - alpha_bar) when x0 is known."""
+
+        def forward(self, x_t, t):
+            alpha_bar = schedule.alpha_bar[t.long()].float().reshape(-1, 1, 1, 1)
+            return (alpha_bar.sqrt() * x_t - 0.5) / (1 - alpha_bar).sqrt()
+
+    assert diffusion_loss(KnowsV(), schedule, x0, torch.Generator().manual_seed(0), "v").item() < 1e-8
+
+
+def test_zero_terminal_snr_needs_v_or_x0(tmp_path):
+    import pytest
+
+    from inkwash.errors import InkwashError
+
+    with pytest.raises(InkwashError, match="zero-terminal-snr"):
+        train(TrainConfig(out=str(tmp_path), preset="tiny", steps=1, zero_terminal_snr=True), show_progress=False)

@@ -135,6 +135,17 @@ def build_parser() -> Parser:
     )
     train.add_argument("--beta-schedule", default="linear", choices=list(BETA_SCHEDULES), help="(default: %(default)s)")
     train.add_argument(
+        "--prediction",
+        default="eps",
+        choices=["eps", "x0", "v"],
+        help="what the network predicts (default: %(default)s)",
+    )
+    train.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="rescale the betas so the last step is pure noise (Lin et al. 2023); use with --prediction v",
+    )
+    train.add_argument(
         "--warmup-steps", type=_nonneg_int, default=100, help="linear learning-rate warm-up (default: %(default)s)"
     )
     train.add_argument("--ema-decay", type=_nonneg_float, default=0.999, help="(default: %(default)s)")
@@ -292,6 +303,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         beta_schedule=args.beta_schedule,
+        prediction=args.prediction,
+        zero_terminal_snr=args.zero_terminal_snr,
         warmup_steps=args.warmup_steps,
         ema_decay=args.ema_decay,
     )

@@ -1,7 +1,7 @@
 """The denoiser contract: ``D(x, sigma, cond=None) -> x0_hat`` with ``x = x0 + sigma * eps``.
 
 Samplers, losses, guidance and evaluation only ever call a denoiser. A DDPM epsilon-prediction
-network becomes one through ``EpsDenoiser`` (k-diffusion's ``DiscreteEpsDDPMDenoiser``; EDM's
+network becomes one through ``ModelDenoiser`` (k-diffusion's ``DiscreteEpsDDPMDenoiser``; EDM's
 ``VPPrecond``): the network sees the variance-preserving input ``x / sqrt(1 + sigma^2)`` and the
 (possibly fractional) timestep whose sigma matches.
 """
@@ -26,18 +26,30 @@ def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1).expand(x.shape[0])
 
 
-class EpsDenoiser(nn.Module):
-    """Wraps an epsilon-prediction network and its noise schedule into ``D(x, sigma, cond)``."""
+PREDICTIONS = ("eps", "x0", "v")
 
-    def __init__(self, network: nn.Module, schedule: NoiseSchedule) -> None:
+
+class ModelDenoiser(nn.Module):
+    """Wraps a network trained on the discrete schedule into ``D(x, sigma, cond)``.
+
+    ``prediction`` says what the network's output means: ``eps`` (the noise, Ho et al. 2020),
+    ``x0`` (the clean image) or ``v`` (sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, Salimans & Ho
+    2022). The network always sees the variance-preserving input x / sqrt(1 + sigma^2) and the
+    (possibly fractional) timestep whose sigma matches.
+    """
+
+    def __init__(self, network: nn.Module, schedule: NoiseSchedule, prediction: str = "eps") -> None:
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
         self.network = network
         self.schedule = schedule
+        self.prediction = prediction
 
-    def predict_eps(
+    def network_output(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The network's noise estimate at a denoiser-space input x = x0 + sigma * eps."""
+        """The raw network output at a denoiser-space input x = x0 + sigma * eps."""
         sigma = _per_sample(sigma, x)  # (B,)
         c_in = (1.0 / (1.0 + sigma**2).sqrt()).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
         t = self.schedule.sigma_to_t(sigma.cpu()).to(device=x.device, dtype=torch.float32)
@@ -45,9 +57,14 @@ class EpsDenoiser(nn.Module):
         return self.network((x * c_in).to(dtype), t, cond).to(x.dtype)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
-        eps = self.predict_eps(x, sigma, cond)
+        out = self.network_output(x, sigma, cond)
         sigma = _per_sample(sigma, x).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        return x - sigma * eps  # (B, C, H, W)
+        if self.prediction == "eps":
+            return x - sigma * out  # (B, C, H, W)
+        if self.prediction == "x0":
+            return out
+        # v: x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v, with x_t = x / sqrt(1 + sigma^2).
+        return x / (1 + sigma**2) - sigma / (1 + sigma**2).sqrt() * out
 
 
 class ClampedDenoiser:

@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_model
 from .data import load_folder, prepare_image, to_uint8, to_unit_range
-from .denoiser import ClampedDenoiser, EpsDenoiser
+from .denoiser import ClampedDenoiser, ModelDenoiser
 from .errors import InkwashError
 from .img2img import strength_sigmas
 from .pictures import reverse_strip, sample_grid, save_png
@@ -121,7 +121,7 @@ def sample_run(options: SampleOptions) -> dict:
         except ValueError as exc:
             raise InkwashError(str(exc)) from None
     steps_run = len(sigmas) - 1
-    denoiser = EpsDenoiser(model, schedule)
+    denoiser = ModelDenoiser(model, schedule, config.get("prediction", "eps"))
     if options.clip_denoised:
         denoiser = ClampedDenoiser(denoiser)
     record = sorted(

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
+BETA_SCHEDULES = ("linear", "cosine", "scaled_linear", "sigmoid")
 
 
 def make_betas(kind: str, num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -31,7 +31,22 @@ def make_betas(kind: str, num_steps: int, beta_start: float = 1e-4, beta_end: fl
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         alpha_bar = f / f[0]
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    if kind == "sigmoid":
+        # GeoDiff (Xu et al. 2022): a sigmoid ramp between beta_start and beta_end.
+        ramp = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64))
+        return ramp * (beta_end - beta_start) + beta_start
     raise ValueError(f"unknown beta schedule {kind!r}; choose from {', '.join(BETA_SCHEDULES)}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha_bar) so the last step has zero SNR and the first is unchanged
+    (Lin et al. 2023, Algorithm 1)."""
+    root = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,7 @@ class ScheduleConfig:
     num_steps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    zero_terminal_snr: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,9 +76,17 @@ class NoiseSchedule:
             self.config.beta_start,
             self.config.beta_end,
         )  # (T,) float64
+        if self.config.zero_terminal_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
         self.sigmas = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()  # increasing in t
+        if not torch.isfinite(self.sigmas[-1]):
+            # Zero terminal SNR makes sigma_T infinite, which no sampler can start from. Extend
+            # log-sigma linearly from the two steps before it instead (finite and still increasing;
+            # diffusers clamps alpha_bar_T to 2^-24, which can fall above alpha_bar_{T-1}).
+            log = self.sigmas[-3:-1].log()
+            self.sigmas[-1] = (2 * log[1] - log[0]).exp()
         self.log_sigmas = self.sigmas.log()
 
     @property

@@ -17,6 +17,7 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes, save_checkpoint
 from .data import ImageData, load_data
+from .denoiser import PREDICTIONS
 from .errors import InkwashError
 from .pictures import loss_curve
 from .progress import progress
@@ -43,6 +44,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     beta_schedule: str = "linear"
+    prediction: str = "eps"
+    zero_terminal_snr: bool = False
     log_every: int = 10
     time_limit: float | None = None  # seconds; stop early when reached (used by the demo)
 
@@ -59,6 +62,11 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)"),
             (self.beta_schedule in BETA_SCHEDULES, f"beta schedule must be one of {', '.join(BETA_SCHEDULES)}"),
             (self.time_limit is None or self.time_limit > 0, "time limit must be positive"),
+            (self.prediction in PREDICTIONS, f"prediction must be one of {', '.join(PREDICTIONS)}"),
+            (
+                not self.zero_terminal_snr or self.prediction != "eps",
+                "--zero-terminal-snr needs --prediction v or x0: at zero SNR the noise says nothing about the image",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -94,14 +102,26 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
 
 
 def diffusion_loss(
-    model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    prediction: str = "eps",
 ) -> torch.Tensor:
     """Steps 2-6 of the seed: t uniform over the T steps, Gaussian noise, x_t in closed form,
-    and the mean squared error between the predicted and the true noise (Ho et al. 2020, Alg. 1)."""
+    and the mean squared error between the network's output and its target: the true noise
+    (Ho et al. 2020, Alg. 1), the clean image, or v."""
     t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator)  # (B,)
     noise = torch.randn(x0.shape, generator=generator)  # (B, C, H, W)
     x_t = schedule.q_sample(x0, t, noise)
-    return F.mse_loss(model(x_t, t.float()), noise)
+    if prediction == "eps":
+        target = noise
+    elif prediction == "x0":
+        target = x0
+    else:  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)
+        alpha_bar = schedule.alpha_bar[t].to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))
+        target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    return F.mse_loss(model(x_t, t.float()), target)
 
 
 class EpochSampler:
@@ -129,7 +149,7 @@ def run_config(config: TrainConfig, unet_config, schedule: NoiseSchedule, data: 
     return {
         "unet": unet_config.to_dict(),
         "schedule": schedule.config.to_dict(),
-        "prediction": "eps",
+        "prediction": config.prediction,
         "data": {
             "source": data.source,
             "shape": list(data.shape),
@@ -156,7 +176,9 @@ def train(config: TrainConfig, data: ImageData | None = None, show_progress: boo
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    schedule = NoiseSchedule(ScheduleConfig(beta_schedule=config.beta_schedule))
+    schedule = NoiseSchedule(
+        ScheduleConfig(beta_schedule=config.beta_schedule, zero_terminal_snr=config.zero_terminal_snr)
+    )
     model = UNet(unet_config)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
@@ -176,7 +198,7 @@ def train(config: TrainConfig, data: ImageData | None = None, show_progress: boo
         lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = diffusion_loss(model, schedule, data.images[batches.next()], generator)
+        loss = diffusion_loss(model, schedule, data.images[batches.next()], generator, config.prediction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -1,0 +1,545 @@
+"""inkwash's samplers against diffusers' schedulers at equal NFE, on the exact denoiser of a Gaussian mixture.
+
+Both libraries sample the 64-dimensional oracle ``gmm64`` (``inkwash.oracle``), whose exact denoiser
+``D(x, sigma) = E[x0 | x0 + sigma * eps = x]`` stands in for a perfectly trained network, so every
+difference in the samples comes from the sampler and its step schedule. For diffusers the oracle is
+an epsilon "network" on the variance-preserving state: given ``x_vp`` at timestep t it takes
+``sigma = t_to_sigma(t)`` (inkwash's log-sigma interpolation for fractional t), ``x = x_vp *
+sqrt(1 + sigma^2)`` and returns ``(x - D(x, sigma)) / sigma``. The VE-state schedulers (Euler, Heun,
+LMS, ...) hand it ``scale_model_input(x)``, which is that same VP state, exactly as a pipeline does.
+
+Each sampler runs at (at most) the target NFE on each side, the step count chosen per library so
+that its own evaluation count is the largest that does not exceed the target; the NFE actually used
+is reported for each. Both sides start from the same standard normal draw (scaled by each library's
+initial sigma) and draw their later noise from the same seeded generator, in the dtype diffusers
+uses. Settings: diffusers with its defaults for a linear beta schedule (T = 1000, betas 1e-4 .. 0.02,
+``clip_sample=False`` where the scheduler clips, its default ``timestep_spacing``), with inkwash's
+float64 tables in place of its float32 ones (same values, as in tests/test_diffusers_agreement.py);
+``--diffusers-karras`` gives it ``use_karras_sigmas=True`` where supported. inkwash runs its own
+step schedule (``--schedule``, default karras) with each sampler's default options.
+
+Scores: the sliced Wasserstein distance (SWD) of the samples to a fixed set of exact samples (the
+same projections for every run), the floor (the SWD between two exact sets of the same size: what a
+perfect sampler scores) and the mode-weight error (total variation of the mode histogram). The
+ratio inkwash / diffusers <= 1 means inkwash is at least as accurate.
+
+Also prints each sampler's own cost per step without the model: a trivial denoiser (``x * 0.5``) on a
+(64, 3, 32, 32) float32 batch for 50 steps, minus the time of just calling it as often, for inkwash's
+sampler and for diffusers' ``scale_model_input`` + ``step`` loop (stock float32 tables).
+
+    python benchmarks/samplers.py [--nfe 5,10,20,50] [--samplers all] [--num-samples 10000] [--seed 0]
+        [--schedule karras] [--diffusers-karras] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from inkwash.distances import sliced_wasserstein
+from inkwash.oracle import GaussianMixture, load_gmm
+from inkwash.samplers import SAMPLERS, get_sampler
+from inkwash.sampling import CountingDenoiser
+from inkwash.schedule import NoiseSchedule, ScheduleConfig
+from inkwash.steps import STEP_SCHEDULES, build_sigmas
+
+LINEAR = NoiseSchedule(ScheduleConfig("linear", 1000, 1e-4, 0.02))
+OVERHEAD_SHAPE = (64, 3, 32, 32)
+
+
+@dataclass(frozen=True)
+class Twin:
+    """The diffusers scheduler that runs the same algorithm as an inkwash sampler."""
+
+    scheduler: str
+    config: dict = field(default_factory=dict)
+    step_kwargs: dict = field(default_factory=dict)
+    noise_dtype: torch.dtype = torch.float64  # the dtype its step draws noise in
+    requires: str | None = None  # an optional module it needs
+
+
+SDE_NOISE = torch.float32  # DPMSolverMultistepScheduler.step draws its SDE noise as float32
+TWINS: dict[str, Twin] = {
+    "ddpm": Twin("DDPMScheduler", {"clip_sample": False}),
+    "ddim": Twin("DDIMScheduler", {"clip_sample": False}, {"eta": 0.0}),
+    "euler": Twin("EulerDiscreteScheduler"),
+    "euler_ancestral": Twin("EulerAncestralDiscreteScheduler"),
+    "heun": Twin("HeunDiscreteScheduler"),
+    "dpm_2": Twin("KDPM2DiscreteScheduler"),
+    "dpm_2_ancestral": Twin("KDPM2AncestralDiscreteScheduler"),
+    "lms": Twin("LMSDiscreteScheduler"),
+    "plms": Twin("PNDMScheduler", {"skip_prk_steps": True}),
+    "dpmpp_2m": Twin("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_sde": Twin("DPMSolverSDEScheduler", requires="torchsde"),
+    "dpmpp_2m_sde": Twin(
+        "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, noise_dtype=SDE_NOISE
+    ),
+    "dpmpp_3m_sde": Twin(
+        "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, noise_dtype=SDE_NOISE
+    ),
+    "unipc": Twin("UniPCMultistepScheduler"),
+}
+NO_TWIN = {
+    "dpmpp_2s_ancestral": "diffusers has no DPM++ 2S a: DPMSolverSinglestepScheduler is singlestep DPM-Solver++ "
+    "(deterministic, or its SDE form), not the ancestral 2S step with the sigma_down / sigma_up split",
+}
+
+
+@dataclass
+class Row:
+    sampler: str
+    target_nfe: int
+    inkwash_steps: int
+    inkwash_nfe: int
+    inkwash_swd: float
+    inkwash_mode_error: float
+    diffusers_steps: int | None
+    diffusers_nfe: int | None
+    diffusers_swd: float | None
+    diffusers_mode_error: float | None
+    floor: float
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        if self.diffusers_swd is None or not self.diffusers_swd > 0:
+            return float("nan")
+        return self.inkwash_swd / self.diffusers_swd
+
+
+# ---- diffusers ------------------------------------------------------------------------------------
+
+
+def _diffusers():
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # numpy on torch tensors, thousands of times
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import diffusers
+
+    return diffusers
+
+
+def twin_unavailable(twin: Twin) -> str | None:
+    """Why diffusers cannot run this twin here, or None."""
+    if twin.requires is not None and importlib.util.find_spec(twin.requires) is None:
+        return f"diffusers' {twin.scheduler} needs {twin.requires}, which is not importable"
+    return None
+
+
+def supports_karras(twin: Twin) -> bool:
+    cls = getattr(_diffusers(), twin.scheduler)
+    return "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+
+
+def make_scheduler(twin: Twin, steps: int, *, karras: bool, float64: bool = True, seed: int = 0):
+    """The twin scheduler on the linear DDPM schedule, its timesteps set for ``steps`` steps.
+
+    With ``float64`` its beta / alpha tables are inkwash's float64 ones and its sigma table is upcast
+    after ``set_timesteps`` (the same float32 values, float64 arithmetic)."""
+    cls = getattr(_diffusers(), twin.scheduler)
+    config = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+    config.update(twin.config)
+    if karras and supports_karras(twin):
+        config["use_karras_sigmas"] = True
+    if "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        config["noise_sampler_seed"] = seed
+    sched = cls(**config)
+    if float64:
+        sched.betas = LINEAR.betas.clone()
+        sched.alphas = LINEAR.alphas.clone()
+        sched.alphas_cumprod = LINEAR.alpha_bar.clone()
+        if hasattr(sched, "final_alpha_cumprod"):  # DDIM, PNDM
+            one = torch.tensor(1.0, dtype=torch.float64)
+            sched.final_alpha_cumprod = one if sched.config.set_alpha_to_one else sched.alphas_cumprod[0]
+    sched.set_timesteps(steps)
+    if float64 and isinstance(getattr(sched, "sigmas", None), torch.Tensor):
+        sched.sigmas = sched.sigmas.double()
+    return sched
+
+
+def diffusers_nfe(twin: Twin, steps: int, *, karras: bool) -> int:
+    """One model call per entry of ``timesteps`` (Heun and KDPM2 list each inner point too)."""
+    return len(make_scheduler(twin, steps, karras=karras).timesteps)
+
+
+class OracleEps:
+    """The exact oracle as an epsilon network on the VP state ``x_vp`` at (possibly fractional) timestep t."""
+
+    def __init__(self, gmm: GaussianMixture, schedule: NoiseSchedule) -> None:
+        self.gmm, self.schedule, self.calls = gmm, schedule, 0
+
+    def __call__(self, x_vp: torch.Tensor, t) -> torch.Tensor:
+        self.calls += 1
+        sigma = float(self.schedule.t_to_sigma(torch.as_tensor(t, dtype=torch.float64)))
+        x = x_vp * math.sqrt(1.0 + sigma**2)
+        return (x - self.gmm(x, sigma)) / sigma
+
+
+def step_kwargs_for(sched, twin: Twin, generator: torch.Generator | None) -> dict:
+    kwargs = dict(twin.step_kwargs)
+    if generator is not None and "generator" in inspect.signature(sched.step).parameters:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def run_diffusers(
+    gmm: GaussianMixture, twin: Twin, steps: int, num_samples: int, seed: int, *, karras: bool
+) -> tuple[torch.Tensor, int]:
+    """A pipeline's sampling loop with the oracle as its network; samples (N, D) and the NFE."""
+    sched = make_scheduler(twin, steps, karras=karras, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, gmm.dim, generator=generator, dtype=torch.float64) * sched.init_noise_sigma
+    model = OracleEps(gmm, LINEAR)
+    kwargs = step_kwargs_for(sched, twin, generator)
+    for t in sched.timesteps:
+        eps = model(sched.scale_model_input(x, t), t)
+        x = sched.step(eps, t, x, **kwargs).prev_sample
+    return x.double(), model.calls
+
+
+# ---- inkwash --------------------------------------------------------------------------------------
+
+
+def _half(x: torch.Tensor, sigma=None, cond=None) -> torch.Tensor:
+    return x * 0.5
+
+
+def inkwash_nfe(sampler: str, steps: int, schedule: str) -> int:
+    counter = CountingDenoiser(_half)
+    get_sampler(sampler).fn(counter, torch.ones(1, 4, dtype=torch.float64), build_sigmas(LINEAR, steps, schedule))
+    return counter.calls
+
+
+def run_inkwash(
+    gmm: GaussianMixture,
+    sampler: str,
+    sigmas: torch.Tensor,
+    num_samples: int,
+    seed: int,
+    noise_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, int]:
+    """As ``inkwash.bench_samplers.run_sampler``, with the noise drawn in ``noise_dtype`` (diffusers' dtype)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, gmm.dim, generator=generator, dtype=torch.float64)
+    x = x * math.sqrt(1.0 + sigmas[0].item() ** 2)
+    counter = CountingDenoiser(gmm)
+
+    def noise() -> torch.Tensor:
+        return torch.randn(num_samples, gmm.dim, generator=generator, dtype=noise_dtype).double()
+
+    return get_sampler(sampler).fn(counter, x, sigmas, noise=noise), counter.calls
+
+
+# ---- the comparison -------------------------------------------------------------------------------
+
+
+def largest_steps(nfe_of, target: int) -> int | None:
+    """The largest step count whose NFE does not exceed ``target`` (NFE >= steps for every sampler)."""
+    for steps in range(target, 0, -1):
+        try:
+            if nfe_of(steps) <= target:
+                return steps
+        except (ValueError, RuntimeError, IndexError, ZeroDivisionError):
+            continue
+    return None
+
+
+def score(gmm: GaussianMixture, samples: torch.Tensor, reference: torch.Tensor, seed: int) -> tuple[float, float]:
+    if not torch.isfinite(samples).all():
+        return float("nan"), float("nan")
+    swd = sliced_wasserstein(samples, reference, generator=torch.Generator().manual_seed(seed + 3))
+    return swd, gmm.mode_weight_error(samples)
+
+
+def compare(
+    gmm: GaussianMixture,
+    samplers: list[str],
+    targets: list[int],
+    *,
+    schedule: str,
+    diffusers_karras: bool,
+    num_samples: int,
+    seed: int,
+) -> tuple[list[Row], dict]:
+    reference, _ = gmm.sample(num_samples, torch.Generator().manual_seed(seed + 1))
+    other, _ = gmm.sample(num_samples, torch.Generator().manual_seed(seed + 2))
+    floor = sliced_wasserstein(other, reference, generator=torch.Generator().manual_seed(seed + 3))
+    floor_info = {"swd": floor, "mode_error": gmm.mode_weight_error(other)}
+    rows = []
+    for sampler in samplers:
+        twin = TWINS[sampler]
+        why_not = twin_unavailable(twin)
+        for target in targets:
+            started = time.perf_counter()
+            steps = largest_steps(lambda n, s=sampler: inkwash_nfe(s, n, schedule), target)
+            if steps is None:
+                print(f"  {sampler}: no inkwash step count fits {target} NFE", file=sys.stderr)
+                continue
+            samples, nfe = run_inkwash(
+                gmm, sampler, build_sigmas(LINEAR, steps, schedule), num_samples, seed, twin.noise_dtype
+            )
+            swd, mode_error = score(gmm, samples, reference, seed)
+            row = Row(sampler, target, steps, nfe, swd, mode_error, None, None, None, None, floor)
+            if why_not is not None:
+                row.note = why_not
+            else:
+                d_steps = largest_steps(lambda n, tw=twin: diffusers_nfe(tw, n, karras=diffusers_karras), target)
+                if d_steps is None:
+                    row.note = f"no diffusers step count fits {target} NFE"
+                else:
+                    samples, d_nfe = run_diffusers(gmm, twin, d_steps, num_samples, seed, karras=diffusers_karras)
+                    d_swd, d_mode_error = score(gmm, samples, reference, seed)
+                    row.diffusers_steps, row.diffusers_nfe = d_steps, d_nfe
+                    row.diffusers_swd, row.diffusers_mode_error = d_swd, d_mode_error
+            rows.append(row)
+            elapsed = time.perf_counter() - started
+            print(f"  {sampler:16s} NFE {target:3d}: {elapsed:5.1f} s", file=sys.stderr, flush=True)
+    return rows, floor_info
+
+
+def diffusers_schedule_name(twin: Twin, karras: bool) -> str:
+    if karras and supports_karras(twin):
+        return "karras"
+    cls = getattr(_diffusers(), twin.scheduler)
+    default = inspect.signature(cls.__init__).parameters.get("timestep_spacing")
+    return default.default if default is not None else "default"
+
+
+def best_near(rows: list[Row], target: int, side: str) -> Row | None:
+    """The most accurate row for ``side`` ("inkwash" or "diffusers") at the target NFE nearest to ``target``."""
+    candidates = [r for r in rows if getattr(r, f"{side}_swd") is not None and math.isfinite(getattr(r, f"{side}_swd"))]
+    if not candidates:
+        return None
+    nearest = min({r.target_nfe for r in candidates}, key=lambda n: (abs(n - target), n))
+    return min((r for r in candidates if r.target_nfe == nearest), key=lambda r: getattr(r, f"{side}_swd"))
+
+
+def _fmt(value: float | None, spec: str, width: int) -> str:
+    if value is None:
+        return f"{'-':>{width}s}"
+    return f"{value:{width}{spec}}"
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (
+        f"{'sampler':13s} {'target':>6s} {'ink steps/NFE':>13s} {'diff steps/NFE':>14s} {'inkwash SWD':>11s} "
+        f"{'diffusers SWD':>13s} {'ink/diff':>8s} {'floor':>8s} {'ink mode':>8s} {'diff mode':>9s}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        d_steps = "-" if r.diffusers_steps is None else f"{r.diffusers_steps}/{r.diffusers_nfe}"
+        ratio = "-" if r.diffusers_swd is None else f"{r.ratio:8.3f}"
+        line = (
+            f"{SAMPLERS[r.sampler].display_name:13s} {r.target_nfe:6d} {f'{r.inkwash_steps}/{r.inkwash_nfe}':>13s} "
+            f"{d_steps:>14s} {r.inkwash_swd:11.5f} {_fmt(r.diffusers_swd, '.5f', 13)} {ratio:>8s} {r.floor:8.5f} "
+            f"{r.inkwash_mode_error:8.4f} {_fmt(r.diffusers_mode_error, '.4f', 9)}"
+        )
+        if r.note:
+            line += f"  ({r.note})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# ---- overhead per step ----------------------------------------------------------------------------
+
+
+def _best_time(fn, repeats: int, setup=None) -> float:
+    """The fastest of ``repeats`` runs of fn (after ``setup``, untimed), in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _calls(model, x: torch.Tensor, arg, count: int):
+    def run():
+        for _ in range(count):
+            model(x, arg)
+
+    return run
+
+
+def inkwash_overhead(sampler: str, schedule: str, steps: int, repeats: int) -> float:
+    """Microseconds per step of the sampler itself: its run with ``x * 0.5`` minus that many calls of it."""
+    x = torch.randn(OVERHEAD_SHAPE, generator=torch.Generator().manual_seed(0))
+    sigmas = build_sigmas(LINEAR, steps, schedule)
+    fn = get_sampler(sampler).fn
+    counter = CountingDenoiser(_half)
+    fn(counter, x, sigmas)  # warm-up, and the number of model calls
+    total = _best_time(lambda: fn(_half, x, sigmas), repeats)
+    sigma = torch.full((x.shape[0],), 1.0, dtype=torch.float64)
+    model = _best_time(_calls(_half, x, sigma, counter.calls), repeats)
+    return max(total - model, 0.0) / steps * 1e6
+
+
+def diffusers_overhead(twin: Twin, steps: int, repeats: int, *, karras: bool) -> float:
+    """The same for a stock diffusers scheduler: its scale_model_input + step loop (set_timesteps untimed)."""
+    x = torch.randn(OVERHEAD_SHAPE, generator=torch.Generator().manual_seed(0))
+    sched = make_scheduler(twin, steps, karras=karras, float64=False)
+    kwargs = dict(twin.step_kwargs)
+
+    def loop():
+        sample = x * sched.init_noise_sigma
+        for t in sched.timesteps:
+            sample = sched.step(_half(sched.scale_model_input(sample, t)), t, sample, **kwargs).prev_sample
+
+    def reset() -> None:  # schedulers keep their step index and history
+        sched.set_timesteps(steps)
+
+    reset()
+    loop()  # warm-up
+    calls = len(sched.timesteps)
+    total = _best_time(loop, repeats, setup=reset)
+    model = _best_time(_calls(_half, x, None, calls), repeats)
+    return max(total - model, 0.0) / steps * 1e6
+
+
+def overhead(samplers: list[str], schedule: str, steps: int, repeats: int, karras: bool) -> list[dict]:
+    results = []
+    for sampler in samplers:
+        twin = TWINS[sampler]
+        ours = inkwash_overhead(sampler, schedule, steps, repeats)
+        theirs = None if twin_unavailable(twin) else diffusers_overhead(twin, steps, repeats, karras=karras)
+        results.append({"sampler": sampler, "inkwash_us_per_step": ours, "diffusers_us_per_step": theirs})
+    return results
+
+
+def format_overhead(results: list[dict], steps: int) -> str:
+    shape = "x".join(map(str, OVERHEAD_SHAPE))
+    lines = [
+        f"sampler overhead without the model ({shape} float32, {steps} steps, {torch.get_num_threads()} threads)",
+        f"{'sampler':13s} {'inkwash us/step':>15s} {'diffusers us/step':>17s} {'ink/diff':>8s}",
+    ]
+    for r in results:
+        ours, theirs = r["inkwash_us_per_step"], r["diffusers_us_per_step"]
+        ratio = "-" if theirs is None or theirs <= 0 else f"{ours / theirs:8.2f}"
+        lines.append(
+            f"{SAMPLERS[r['sampler']].display_name:13s} {ours:15.0f} {_fmt(theirs, '.0f', 17)} {ratio:>8s}"
+            + ("  (diffusers skipped)" if theirs is None else "")
+        )
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def parse_samplers(text: str) -> tuple[list[str], dict[str, str]]:
+    """The compared samplers (registry order) and the skipped ones with the reason."""
+    wanted = list(SAMPLERS) if text == "all" else [get_sampler(part).id for part in text.split(",") if part.strip()]
+    skipped = {s: NO_TWIN[s] for s in wanted if s in NO_TWIN}
+    return [s for s in SAMPLERS if s in wanted and s in TWINS], skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nfe", default="5,10,20,50", help="target NFEs, comma separated (default: %(default)s)")
+    parser.add_argument("--samplers", default="all", help="comma list of inkwash ids or names (default: all)")
+    parser.add_argument("--num-samples", type=int, default=10_000, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument(
+        "--schedule", default="karras", choices=list(STEP_SCHEDULES), help="inkwash's step schedule (default: karras)"
+    )
+    parser.add_argument(
+        "--diffusers-karras", action="store_true", help="give diffusers use_karras_sigmas=True where supported"
+    )
+    parser.add_argument("--gmm", default="gmm64", help="oracle preset or .npz (default: %(default)s)")
+    parser.add_argument("--overhead-steps", type=int, default=50, help="(default: %(default)s)")
+    parser.add_argument("--overhead-repeats", type=int, default=5, help="(default: %(default)s)")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default: 1; more threads stall on a busy machine)"
+    )
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    try:
+        samplers, skipped = parse_samplers(args.samplers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    targets = sorted({int(part) for part in args.nfe.split(",") if part.strip()})
+    if not targets or min(targets) < 1:
+        parser.error("--nfe needs positive integers")
+    gmm = load_gmm(args.gmm)
+    diffusers = _diffusers()
+    for sampler in samplers:
+        why_not = twin_unavailable(TWINS[sampler])
+        if why_not is not None:
+            skipped[sampler] = f"diffusers side skipped: {why_not}"
+
+    started = time.perf_counter()
+    rows, floor = compare(
+        gmm,
+        samplers,
+        targets,
+        schedule=args.schedule,
+        diffusers_karras=args.diffusers_karras,
+        num_samples=args.num_samples,
+        seed=args.seed,
+    )
+    d_schedules = {
+        s: diffusers_schedule_name(TWINS[s], args.diffusers_karras)
+        for s in samplers
+        if twin_unavailable(TWINS[s]) is None
+    }
+    print(
+        f"{args.gmm} ({gmm}), {args.num_samples} samples, seed {args.seed}; diffusers {diffusers.__version__}, "
+        f"linear betas, T = 1000; {torch.get_num_threads()} torch thread(s)"
+    )
+    print(f"inkwash schedule: {args.schedule}; diffusers schedule: " + ", ".join(sorted(set(d_schedules.values()))))
+    print(f"floor (exact vs exact): SWD {floor['swd']:.5f}, mode-weight error {floor['mode_error']:.4f}")
+    print()
+    print(format_table(rows))
+    print()
+    best = {}
+    for side in ("inkwash", "diffusers"):
+        row = best_near(rows, 10, side)
+        if row is None:
+            continue
+        swd, nfe = getattr(row, f"{side}_swd"), getattr(row, f"{side}_nfe")
+        schedule = args.schedule if side == "inkwash" else d_schedules[row.sampler]
+        name = SAMPLERS[row.sampler].display_name
+        best[side] = {"sampler": row.sampler, "schedule": schedule, "nfe": nfe, "swd": swd}
+        best[side]["swd_over_floor"] = swd / floor["swd"]
+        print(
+            f"best {side:9s} at NFE ~ {row.target_nfe}: {name} ({schedule}), NFE {nfe}, SWD {swd:.5f}, "
+            f"SWD/floor {swd / floor['swd']:.2f}"
+        )
+    for sampler, why in skipped.items():
+        print(f"skipped {SAMPLERS[sampler].display_name}: {why}")
+    print(f"(comparison took {time.perf_counter() - started:.0f} s)")
+
+    results = None
+    if not args.no_overhead:
+        results = overhead(samplers, args.schedule, args.overhead_steps, args.overhead_repeats, args.diffusers_karras)
+        print()
+        print(format_overhead(results, args.overhead_steps))
+
+    if args.json:
+        payload = {
+            "settings": {**vars(args), "diffusers": diffusers.__version__, "threads": torch.get_num_threads()},
+            "floor": floor,
+            "diffusers_schedules": d_schedules,
+            "results": [{**asdict(r), "ratio": r.ratio} for r in rows],
+            "best_at_nfe_10": best,
+            "skipped": skipped,
+            "overhead": results,
+        }
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
