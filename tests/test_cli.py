@@ -91,12 +91,16 @@ def test_bad_options_are_one_line_errors(args, fragment):
     assert_clean_error(run_cli(*args), fragment)
 
 
-def test_help_has_examples():
-    for command in ("train", "sample", "noise", "demo"):
-        result = run_cli(command, "--help")
-        assert result.returncode == 0
-        assert "example:" in result.stdout
-        assert f"inkwash {command}" in result.stdout
+@pytest.mark.parametrize("command", ["train", "sample", "noise", "samplers", "demo", "bench samplers"])
+def test_help_has_examples(command, capsys):
+    from inkwash.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command.split(), "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out
+    assert f"inkwash {command}" in out
 
 
 def test_sample_writes_every_output(trained_run, tmp_path):

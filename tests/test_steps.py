@@ -54,3 +54,12 @@ def test_rejects_bad_step_counts(steps):
 def test_rejects_unknown_kind():
     with pytest.raises(ValueError, match="unknown step schedule"):
         build_sigmas(SCHEDULE, 10, "cosine")
+
+
+def test_validate_sigmas():
+    from inkwash.steps import validate_sigmas
+
+    validate_sigmas(build_sigmas(SCHEDULE, 10, "karras"))
+    for bad in ([3.0, 3.0, 0.0], [1.0, 2.0, 0.0], [float("inf"), 0.0], [1.0, -1.0], []):
+        with pytest.raises(ValueError, match="sigmas"):
+            validate_sigmas(torch.tensor(bad, dtype=torch.float64))

@@ -13,6 +13,7 @@ from .img2img import InpaintDenoiser
 from .progress import progress
 from .rng import SampleRNG, sample_seeds
 from .samplers import get_sampler
+from .steps import validate_sigmas
 
 
 class CountingDenoiser:
@@ -71,6 +72,7 @@ def generate(
     """
     if mask is not None and init is None:
         raise ValueError("inpainting needs an init image")
+    validate_sigmas(sigmas)
     info = get_sampler(sampler)
     options = dict(sampler_options or {})
     counter = CountingDenoiser(denoiser)

@@ -15,6 +15,18 @@ from .schedule import NoiseSchedule
 STEP_SCHEDULES = ("uniform", "leading", "trailing", "karras", "exponential")
 
 
+def validate_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """Check a user-supplied step schedule: 1-D, finite, >= 0 and strictly decreasing (a repeated
+    sigma is a zero-length step, which the multistep samplers cannot divide by)."""
+    if sigmas.ndim != 1 or len(sigmas) < 1:
+        raise ValueError("sigmas must be a non-empty 1-D tensor")
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise ValueError("sigmas must be finite and >= 0")
+    if (sigmas[1:] >= sigmas[:-1]).any():
+        raise ValueError("sigmas must be strictly decreasing")
+    return sigmas
+
+
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
