@@ -134,21 +134,48 @@ def twin_unavailable(twin: Twin) -> str | None:
     return None
 
 
-def supports_karras(twin: Twin) -> bool:
-    cls = getattr(_diffusers(), twin.scheduler)
-    return "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+SPACINGS = ("linspace", "leading", "trailing")
 
 
-def make_scheduler(twin: Twin, steps: int, *, karras: bool, float64: bool = True, seed: int = 0):
-    """The twin scheduler on the linear DDPM schedule, its timesteps set for ``steps`` steps.
+def _init_parameters(twin: Twin):
+    return inspect.signature(getattr(_diffusers(), twin.scheduler).__init__).parameters
+
+
+def default_schedule(twin: Twin) -> str:
+    """The twin's default schedule: its default ``timestep_spacing``."""
+    spacing = _init_parameters(twin).get("timestep_spacing")
+    return spacing.default if spacing is not None else "default"
+
+
+def diffusers_schedules(twin: Twin) -> list[str]:
+    """Every schedule the twin offers: its timestep spacings, then "karras" where supported."""
+    parameters = _init_parameters(twin)
+    names = [default_schedule(twin)]
+    if "timestep_spacing" in parameters:
+        names += [spacing for spacing in SPACINGS if spacing not in names]
+    if "use_karras_sigmas" in parameters:
+        names.append("karras")
+    return names
+
+
+def table_schedule(twin: Twin, karras: bool) -> str:
+    """The schedule the comparison table gives diffusers: karras with ``--diffusers-karras`` where supported."""
+    return "karras" if karras and "karras" in diffusers_schedules(twin) else default_schedule(twin)
+
+
+def make_scheduler(twin: Twin, steps: int, schedule: str, *, float64: bool = True, seed: int = 0):
+    """The twin scheduler on the linear DDPM schedule with the named schedule (see ``diffusers_schedules``),
+    its timesteps set for ``steps`` steps.
 
     With ``float64`` its beta / alpha tables are inkwash's float64 ones and its sigma table is upcast
     after ``set_timesteps`` (the same float32 values, float64 arithmetic)."""
     cls = getattr(_diffusers(), twin.scheduler)
     config = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
     config.update(twin.config)
-    if karras and supports_karras(twin):
+    if schedule == "karras":
         config["use_karras_sigmas"] = True
+    elif schedule in SPACINGS:
+        config["timestep_spacing"] = schedule
     if "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
         config["noise_sampler_seed"] = seed
     sched = cls(**config)
@@ -165,9 +192,9 @@ def make_scheduler(twin: Twin, steps: int, *, karras: bool, float64: bool = True
     return sched
 
 
-def diffusers_nfe(twin: Twin, steps: int, *, karras: bool) -> int:
+def diffusers_nfe(twin: Twin, steps: int, schedule: str) -> int:
     """One model call per entry of ``timesteps`` (Heun and KDPM2 list each inner point too)."""
-    return len(make_scheduler(twin, steps, karras=karras).timesteps)
+    return len(make_scheduler(twin, steps, schedule).timesteps)
 
 
 class OracleEps:
@@ -191,10 +218,10 @@ def step_kwargs_for(sched, twin: Twin, generator: torch.Generator | None) -> dic
 
 
 def run_diffusers(
-    gmm: GaussianMixture, twin: Twin, steps: int, num_samples: int, seed: int, *, karras: bool
+    gmm: GaussianMixture, twin: Twin, steps: int, schedule: str, num_samples: int, seed: int
 ) -> tuple[torch.Tensor, int]:
     """A pipeline's sampling loop with the oracle as its network; samples (N, D) and the NFE."""
-    sched = make_scheduler(twin, steps, karras=karras, seed=seed)
+    sched = make_scheduler(twin, steps, schedule, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, gmm.dim, generator=generator, dtype=torch.float64) * sched.init_noise_sigma
     model = OracleEps(gmm, LINEAR)
@@ -252,74 +279,117 @@ def largest_steps(nfe_of, target: int) -> int | None:
     return None
 
 
-def score(gmm: GaussianMixture, samples: torch.Tensor, reference: torch.Tensor, seed: int) -> tuple[float, float]:
-    if not torch.isfinite(samples).all():
-        return float("nan"), float("nan")
-    swd = sliced_wasserstein(samples, reference, generator=torch.Generator().manual_seed(seed + 3))
-    return swd, gmm.mode_weight_error(samples)
+@dataclass
+class Result:
+    """One sampling run: the step count, the NFE it used and its scores."""
+
+    steps: int
+    nfe: int
+    swd: float
+    mode_error: float
 
 
-def compare(
-    gmm: GaussianMixture,
-    samplers: list[str],
-    targets: list[int],
-    *,
-    schedule: str,
-    diffusers_karras: bool,
-    num_samples: int,
-    seed: int,
-) -> tuple[list[Row], dict]:
-    reference, _ = gmm.sample(num_samples, torch.Generator().manual_seed(seed + 1))
-    other, _ = gmm.sample(num_samples, torch.Generator().manual_seed(seed + 2))
-    floor = sliced_wasserstein(other, reference, generator=torch.Generator().manual_seed(seed + 3))
-    floor_info = {"swd": floor, "mode_error": gmm.mode_weight_error(other)}
+class Bench:
+    """Runs and scores samplers on the oracle against one fixed set of exact samples; remembers every run."""
+
+    def __init__(self, gmm: GaussianMixture, num_samples: int, seed: int) -> None:
+        self.gmm, self.num_samples, self.seed = gmm, num_samples, seed
+        self.reference, _ = gmm.sample(num_samples, torch.Generator().manual_seed(seed + 1))
+        other, _ = gmm.sample(num_samples, torch.Generator().manual_seed(seed + 2))
+        self.floor = self.swd(other)
+        self.floor_mode_error = gmm.mode_weight_error(other)
+        self.runs: dict[tuple[str, str, str, int], Result | None] = {}
+
+    def swd(self, samples: torch.Tensor) -> float:
+        """SWD to the reference, with the same projections (the same generator seed) for every run."""
+        return sliced_wasserstein(samples, self.reference, generator=torch.Generator().manual_seed(self.seed + 3))
+
+    def _score(self, samples: torch.Tensor, steps: int, nfe: int) -> Result:
+        if not torch.isfinite(samples).all():
+            return Result(steps, nfe, float("nan"), float("nan"))
+        return Result(steps, nfe, self.swd(samples), self.gmm.mode_weight_error(samples))
+
+    def inkwash(self, sampler: str, schedule: str, target: int) -> Result | None:
+        key = ("inkwash", sampler, schedule, target)
+        if key not in self.runs:
+            steps = largest_steps(lambda n: inkwash_nfe(sampler, n, schedule), target)
+            result = None
+            if steps is not None:
+                sigmas = build_sigmas(LINEAR, steps, schedule)
+                noise_dtype = TWINS[sampler].noise_dtype
+                samples, nfe = run_inkwash(self.gmm, sampler, sigmas, self.num_samples, self.seed, noise_dtype)
+                result = self._score(samples, steps, nfe)
+            self.runs[key] = result
+        return self.runs[key]
+
+    def diffusers(self, sampler: str, schedule: str, target: int) -> Result | None:
+        key = ("diffusers", sampler, schedule, target)
+        if key not in self.runs:
+            twin = TWINS[sampler]
+            steps = largest_steps(lambda n: diffusers_nfe(twin, n, schedule), target)
+            result = None
+            if steps is not None:
+                samples, nfe = run_diffusers(self.gmm, twin, steps, schedule, self.num_samples, self.seed)
+                result = self._score(samples, steps, nfe)
+            self.runs[key] = result
+        return self.runs[key]
+
+
+def compare(bench: Bench, samplers: list[str], targets: list[int], *, schedule: str, karras: bool) -> list[Row]:
+    """The table: every sampler at every target NFE, inkwash on ``schedule``, diffusers on ``table_schedule``."""
     rows = []
     for sampler in samplers:
         twin = TWINS[sampler]
         why_not = twin_unavailable(twin)
         for target in targets:
             started = time.perf_counter()
-            steps = largest_steps(lambda n, s=sampler: inkwash_nfe(s, n, schedule), target)
-            if steps is None:
+            ours = bench.inkwash(sampler, schedule, target)
+            if ours is None:
                 print(f"  {sampler}: no inkwash step count fits {target} NFE", file=sys.stderr)
                 continue
-            samples, nfe = run_inkwash(
-                gmm, sampler, build_sigmas(LINEAR, steps, schedule), num_samples, seed, twin.noise_dtype
+            row = Row(
+                sampler, target, ours.steps, ours.nfe, ours.swd, ours.mode_error, None, None, None, None, bench.floor
             )
-            swd, mode_error = score(gmm, samples, reference, seed)
-            row = Row(sampler, target, steps, nfe, swd, mode_error, None, None, None, None, floor)
             if why_not is not None:
                 row.note = why_not
             else:
-                d_steps = largest_steps(lambda n, tw=twin: diffusers_nfe(tw, n, karras=diffusers_karras), target)
-                if d_steps is None:
+                theirs = bench.diffusers(sampler, table_schedule(twin, karras), target)
+                if theirs is None:
                     row.note = f"no diffusers step count fits {target} NFE"
                 else:
-                    samples, d_nfe = run_diffusers(gmm, twin, d_steps, num_samples, seed, karras=diffusers_karras)
-                    d_swd, d_mode_error = score(gmm, samples, reference, seed)
-                    row.diffusers_steps, row.diffusers_nfe = d_steps, d_nfe
-                    row.diffusers_swd, row.diffusers_mode_error = d_swd, d_mode_error
+                    row.diffusers_steps, row.diffusers_nfe = theirs.steps, theirs.nfe
+                    row.diffusers_swd, row.diffusers_mode_error = theirs.swd, theirs.mode_error
             rows.append(row)
             elapsed = time.perf_counter() - started
             print(f"  {sampler:16s} NFE {target:3d}: {elapsed:5.1f} s", file=sys.stderr, flush=True)
-    return rows, floor_info
+    return rows
 
 
-def diffusers_schedule_name(twin: Twin, karras: bool) -> str:
-    if karras and supports_karras(twin):
-        return "karras"
-    cls = getattr(_diffusers(), twin.scheduler)
-    default = inspect.signature(cls.__init__).parameters.get("timestep_spacing")
-    return default.default if default is not None else "default"
+def best_runs(bench: Bench, side: str, target: int, schedules: dict[str, list[str]]) -> list[dict]:
+    """``side``'s runs at ``target`` NFE for each sampler and each of its schedules, best (lowest SWD) first."""
+    found = []
+    for sampler, names in schedules.items():
+        for schedule in names:
+            started = time.perf_counter()
+            result = getattr(bench, side)(sampler, schedule, target)
+            if result is not None and math.isfinite(result.swd):
+                found.append({"side": side, "sampler": sampler, "schedule": schedule, **asdict(result)})
+            elapsed = time.perf_counter() - started
+            print(f"  best search {side} {sampler} {schedule}: {elapsed:5.1f} s", file=sys.stderr, flush=True)
+    return sorted(found, key=lambda r: r["swd"])
 
 
-def best_near(rows: list[Row], target: int, side: str) -> Row | None:
-    """The most accurate row for ``side`` ("inkwash" or "diffusers") at the target NFE nearest to ``target``."""
-    candidates = [r for r in rows if getattr(r, f"{side}_swd") is not None and math.isfinite(getattr(r, f"{side}_swd"))]
-    if not candidates:
-        return None
-    nearest = min({r.target_nfe for r in candidates}, key=lambda n: (abs(n - target), n))
-    return min((r for r in candidates if r.target_nfe == nearest), key=lambda r: getattr(r, f"{side}_swd"))
+def format_best(title: str, runs: dict[str, list[dict]], floor: float, top: int) -> str:
+    lines = []
+    for side in ("inkwash", "diffusers"):
+        for rank, run in enumerate(runs[side][:top]):
+            label = f"{title:14s} {side:9s}" if rank == 0 else " " * 24
+            name = f"{SAMPLERS[run['sampler']].display_name} ({run['schedule']})"
+            lines.append(
+                f"  {label} {name:26s} steps {run['steps']:3d}, NFE {run['nfe']:3d}, SWD {run['swd']:.5f}, "
+                f"SWD/floor {run['swd'] / floor:5.2f}"
+            )
+    return "\n".join(lines)
 
 
 def _fmt(value: float | None, spec: str, width: int) -> str:
@@ -384,10 +454,10 @@ def inkwash_overhead(sampler: str, schedule: str, steps: int, repeats: int) -> f
     return max(total - model, 0.0) / steps * 1e6
 
 
-def diffusers_overhead(twin: Twin, steps: int, repeats: int, *, karras: bool) -> float:
+def diffusers_overhead(twin: Twin, steps: int, repeats: int, schedule: str) -> float:
     """The same for a stock diffusers scheduler: its scale_model_input + step loop (set_timesteps untimed)."""
     x = torch.randn(OVERHEAD_SHAPE, generator=torch.Generator().manual_seed(0))
-    sched = make_scheduler(twin, steps, karras=karras, float64=False)
+    sched = make_scheduler(twin, steps, schedule, float64=False)
     kwargs = dict(twin.step_kwargs)
 
     def loop():
@@ -411,7 +481,9 @@ def overhead(samplers: list[str], schedule: str, steps: int, repeats: int, karra
     for sampler in samplers:
         twin = TWINS[sampler]
         ours = inkwash_overhead(sampler, schedule, steps, repeats)
-        theirs = None if twin_unavailable(twin) else diffusers_overhead(twin, steps, repeats, karras=karras)
+        theirs = None
+        if twin_unavailable(twin) is None:
+            theirs = diffusers_overhead(twin, steps, repeats, table_schedule(twin, karras))
         results.append({"sampler": sampler, "inkwash_us_per_step": ours, "diffusers_us_per_step": theirs})
     return results
 
@@ -459,6 +531,9 @@ def main() -> None:
     parser.add_argument("--overhead-repeats", type=int, default=5, help="(default: %(default)s)")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
     parser.add_argument(
+        "--no-best-search", action="store_true", help="skip the search over every schedule for the best at NFE ~ 10"
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default: 1; more threads stall on a busy machine)"
     )
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -480,46 +555,40 @@ def main() -> None:
             skipped[sampler] = f"diffusers side skipped: {why_not}"
 
     started = time.perf_counter()
-    rows, floor = compare(
-        gmm,
-        samplers,
-        targets,
-        schedule=args.schedule,
-        diffusers_karras=args.diffusers_karras,
-        num_samples=args.num_samples,
-        seed=args.seed,
-    )
-    d_schedules = {
-        s: diffusers_schedule_name(TWINS[s], args.diffusers_karras)
-        for s in samplers
-        if twin_unavailable(TWINS[s]) is None
+    bench = Bench(gmm, args.num_samples, args.seed)
+    rows = compare(bench, samplers, targets, schedule=args.schedule, karras=args.diffusers_karras)
+    compared = [s for s in samplers if twin_unavailable(TWINS[s]) is None]
+    d_schedules = {s: table_schedule(TWINS[s], args.diffusers_karras) for s in compared}
+    # The best at NFE ~ 10: the table's settings, and (unless --no-best-search) every schedule of each library.
+    near = min(targets, key=lambda n: (abs(n - 10), n))
+    table_settings = {
+        "inkwash": best_runs(bench, "inkwash", near, {s: [args.schedule] for s in samplers}),
+        "diffusers": best_runs(bench, "diffusers", near, {s: [d_schedules[s]] for s in compared}),
     }
+    searched = None
+    if not args.no_best_search:
+        searched = {
+            "inkwash": best_runs(bench, "inkwash", near, {s: list(STEP_SCHEDULES) for s in samplers}),
+            "diffusers": best_runs(bench, "diffusers", near, {s: diffusers_schedules(TWINS[s]) for s in compared}),
+        }
+    elapsed = time.perf_counter() - started
+
     print(
         f"{args.gmm} ({gmm}), {args.num_samples} samples, seed {args.seed}; diffusers {diffusers.__version__}, "
         f"linear betas, T = 1000; {torch.get_num_threads()} torch thread(s)"
     )
     print(f"inkwash schedule: {args.schedule}; diffusers schedule: " + ", ".join(sorted(set(d_schedules.values()))))
-    print(f"floor (exact vs exact): SWD {floor['swd']:.5f}, mode-weight error {floor['mode_error']:.4f}")
+    print(f"floor (exact vs exact): SWD {bench.floor:.5f}, mode-weight error {bench.floor_mode_error:.4f}")
     print()
     print(format_table(rows))
     print()
-    best = {}
-    for side in ("inkwash", "diffusers"):
-        row = best_near(rows, 10, side)
-        if row is None:
-            continue
-        swd, nfe = getattr(row, f"{side}_swd"), getattr(row, f"{side}_nfe")
-        schedule = args.schedule if side == "inkwash" else d_schedules[row.sampler]
-        name = SAMPLERS[row.sampler].display_name
-        best[side] = {"sampler": row.sampler, "schedule": schedule, "nfe": nfe, "swd": swd}
-        best[side]["swd_over_floor"] = swd / floor["swd"]
-        print(
-            f"best {side:9s} at NFE ~ {row.target_nfe}: {name} ({schedule}), NFE {nfe}, SWD {swd:.5f}, "
-            f"SWD/floor {swd / floor['swd']:.2f}"
-        )
+    print(f"best at NFE ~ {near} (SWD/floor: 1 is a perfect sampler):")
+    print(format_best("table settings", table_settings, bench.floor, 1))
+    if searched is not None:
+        print(format_best("any schedule", searched, bench.floor, 3))
     for sampler, why in skipped.items():
         print(f"skipped {SAMPLERS[sampler].display_name}: {why}")
-    print(f"(comparison took {time.perf_counter() - started:.0f} s)")
+    print(f"(comparison took {elapsed:.0f} s)")
 
     results = None
     if not args.no_overhead:
@@ -530,10 +599,10 @@ def main() -> None:
     if args.json:
         payload = {
             "settings": {**vars(args), "diffusers": diffusers.__version__, "threads": torch.get_num_threads()},
-            "floor": floor,
+            "floor": {"swd": bench.floor, "mode_error": bench.floor_mode_error},
             "diffusers_schedules": d_schedules,
             "results": [{**asdict(r), "ratio": r.ratio} for r in rows],
-            "best_at_nfe_10": best,
+            "best_at_nfe_10": {"target": near, "table_settings": table_settings, "any_schedule": searched},
             "skipped": skipped,
             "overhead": results,
         }
