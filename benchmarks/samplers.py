@@ -21,14 +21,19 @@ step schedule (``--schedule``, default karras) with each sampler's default optio
 Scores: the sliced Wasserstein distance (SWD) of the samples to a fixed set of exact samples (the
 same projections for every run), the floor (the SWD between two exact sets of the same size: what a
 perfect sampler scores) and the mode-weight error (total variation of the mode histogram). The
-ratio inkwash / diffusers <= 1 means inkwash is at least as accurate.
+ratio inkwash / diffusers <= 1 means inkwash is at least as accurate. At the target NFE nearest 10 it
+also reports the best sampler of each library with the table's schedules and, unless
+``--no-best-search``, over every schedule each library offers (inkwash's five step schedules;
+diffusers' timestep spacings and Karras sigmas where the scheduler has them).
 
 Also prints each sampler's own cost per step without the model: a trivial denoiser (``x * 0.5``) on a
 (64, 3, 32, 32) float32 batch for 50 steps, minus the time of just calling it as often, for inkwash's
 sampler and for diffusers' ``scale_model_input`` + ``step`` loop (stock float32 tables).
 
     python benchmarks/samplers.py [--nfe 5,10,20,50] [--samplers all] [--num-samples 10000] [--seed 0]
-        [--schedule karras] [--diffusers-karras] [--json out.json]
+        [--schedule karras] [--diffusers-karras] [--no-best-search] [--no-overhead] [--threads 1] [--json out.json]
+
+Runs single-threaded by default: on a busy machine torch's intra-op threads stall (40x slower here).
 """
 
 from __future__ import annotations
