@@ -53,42 +53,25 @@ def run_demo(
     )
     result = train(config, data=data)
 
+    def sample(folder: str, sampler: str, steps: int, count: int) -> dict:
+        return sample_run(
+            SampleOptions(
+                checkpoint=str(run_dir),
+                out=str(out / folder),
+                sampler=sampler,
+                steps=steps,
+                num_images=count,
+                batch_size=min(count, 100),
+                seed=seed,
+            )
+        )
+
     print(f"3/5 sampling {num_images} digits with DDPM respaced to 100 steps (samples/)")
-    ddpm = sample_run(
-        SampleOptions(
-            checkpoint=str(run_dir),
-            out=str(out / "samples"),
-            sampler="ddpm",
-            steps=100,
-            num_images=num_images,
-            batch_size=100,
-            seed=seed,
-        )
-    )
+    ddpm = sample("samples", "ddpm", 100, num_images)
     print(f"4/5 the same {num_images} seeds with deterministic DDIM, 50 steps (samples_ddim/)")
-    ddim = sample_run(
-        SampleOptions(
-            checkpoint=str(run_dir),
-            out=str(out / "samples_ddim"),
-            sampler="ddim",
-            steps=50,
-            num_images=num_images,
-            batch_size=100,
-            seed=seed,
-        )
-    )
+    ddim = sample("samples_ddim", "ddim", 50, num_images)
     print(f"5/5 sampling {full_ddpm_images} digits with DDPM over all 1000 steps, as in Ho et al. (samples_ddpm1000/)")
-    full = sample_run(
-        SampleOptions(
-            checkpoint=str(run_dir),
-            out=str(out / "samples_ddpm1000"),
-            sampler="ddpm",
-            steps=1000,
-            num_images=full_ddpm_images,
-            batch_size=16,
-            seed=seed,
-        )
-    )
+    full = sample("samples_ddpm1000", "ddpm", 1000, full_ddpm_images)
     summary = {
         "train_steps": result.steps,
         "train_seconds": round(result.seconds, 1),

@@ -42,10 +42,23 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-def churn_sigma(sigma: float, steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
-    """Raised noise level sigma_hat of Karras et al. 2022, Algorithm 2, lines 4-5."""
+def churn(
+    x: torch.Tensor,
+    sigma: float,
+    steps: int,
+    noise: NoiseFn,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+) -> tuple[torch.Tensor, float]:
+    """Raise the noise level to sigma_hat and add the matching fresh noise (Karras et al. 2022,
+    Algorithm 2, lines 4-6); a no-op when s_churn is 0 or sigma is outside [s_tmin, s_tmax]."""
     gamma = min(s_churn / steps, math.sqrt(2.0) - 1.0) if s_tmin <= sigma <= s_tmax else 0.0
-    return sigma * (1.0 + gamma)
+    sigma_hat = sigma * (1.0 + gamma)
+    if sigma_hat > sigma:
+        x = x + s_noise * math.sqrt(sigma_hat**2 - sigma**2) * noise()
+    return x, sigma_hat
 
 
 def log_lambda(sigma: float) -> float:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..denoiser import Denoiser
-from .common import Callback, NoiseFn, ancestral_step, churn_sigma, denoise, noise_fn, report, to_d
+from .common import Callback, NoiseFn, ancestral_step, churn, denoise, noise_fn, report, to_d
 
 
 @torch.no_grad()
@@ -30,9 +30,7 @@ def sample_euler(
     steps = len(values) - 1
     for i in range(steps):
         sigma, sigma_next = values[i], values[i + 1]
-        sigma_hat = churn_sigma(sigma, steps, s_churn, s_tmin, s_tmax)
-        if sigma_hat > sigma:
-            x = x + s_noise * math.sqrt(sigma_hat**2 - sigma**2) * noise()
+        x, sigma_hat = churn(x, sigma, steps, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoise(denoiser, x, sigma_hat, cond)
         report(callback, i, x, sigma_hat, sigma_next, denoised)
         x = x + to_d(x, sigma_hat, denoised) * (sigma_next - sigma_hat)
@@ -85,9 +83,7 @@ def sample_heun(
     steps = len(values) - 1
     for i in range(steps):
         sigma, sigma_next = values[i], values[i + 1]
-        sigma_hat = churn_sigma(sigma, steps, s_churn, s_tmin, s_tmax)
-        if sigma_hat > sigma:
-            x = x + s_noise * math.sqrt(sigma_hat**2 - sigma**2) * noise()
+        x, sigma_hat = churn(x, sigma, steps, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoise(denoiser, x, sigma_hat, cond)
         report(callback, i, x, sigma_hat, sigma_next, denoised)
         d = to_d(x, sigma_hat, denoised)
@@ -121,9 +117,7 @@ def sample_dpm_2(
     steps = len(values) - 1
     for i in range(steps):
         sigma, sigma_next = values[i], values[i + 1]
-        sigma_hat = churn_sigma(sigma, steps, s_churn, s_tmin, s_tmax)
-        if sigma_hat > sigma:
-            x = x + s_noise * math.sqrt(sigma_hat**2 - sigma**2) * noise()
+        x, sigma_hat = churn(x, sigma, steps, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoise(denoiser, x, sigma_hat, cond)
         report(callback, i, x, sigma_hat, sigma_next, denoised)
         d = to_d(x, sigma_hat, denoised)
