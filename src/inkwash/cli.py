@@ -120,7 +120,28 @@ def build_parser() -> Parser:
         description="Train an epsilon-prediction UNet (Ho et al. 2020) on images.",
         epilog="example:\n  inkwash train --data digits --out runs/digits --steps 3000",
     )
-    train.add_argument("--data", required=True, help="'digits' or a folder of images (searched recursively)")
+    train.add_argument(
+        "--data",
+        required=True,
+        metavar="digits|mnist|fashion-mnist|cifar10|FOLDER",
+        help="a dataset name, or a folder of images (searched recursively)",
+    )
+    train.add_argument(
+        "--data-dir", default="data", help="where mnist, fashion-mnist and cifar10 files live (default: %(default)s)"
+    )
+    train.add_argument(
+        "--download", action="store_true", help="download missing mnist/fashion-mnist/cifar10 files (checksummed)"
+    )
+    train.add_argument(
+        "--class-cond", action="store_true", help="use class labels (a folder's first-level subfolders are classes)"
+    )
+    train.add_argument(
+        "--resize-mode",
+        default="crop",
+        choices=["crop", "resize"],
+        help="crop: resize the short side, then center-crop; resize: squash to a square (default: %(default)s)",
+    )
+    train.add_argument("--hflip", action="store_true", help="random horizontal flips of the training images")
     train.add_argument("--out", required=True, help="run directory for checkpoints, log and pictures")
     train.add_argument("--preset", default="digits", choices=list(PRESETS), help="UNet preset (default: %(default)s)")
     train.add_argument("--steps", type=_positive_int, default=3000, help="optimizer steps (default: %(default)s)")
@@ -157,7 +178,8 @@ def build_parser() -> Parser:
         description="Sample images from a run directory written by 'inkwash train'. Writes one PNG per "
         "image, grid.png, samples.npz (uint8 N x H x W x C under 'samples') and reverse.png.",
         epilog="example:\n"
-        "  inkwash sample --checkpoint runs/digits --out samples --sampler ddim --steps 50 --num-images 64",
+        "  inkwash sample --checkpoint runs/digits --out samples --sampler ddim --steps 50 --num-images 64\n"
+        "  inkwash sample --checkpoint runs/digits_cond --out threes --class 3 --guidance-scale 3",
     )
     sample.add_argument("--checkpoint", required=True, help="run directory with config.json and weights")
     sample.add_argument("--out", required=True, help="output directory")
@@ -207,6 +229,33 @@ def build_parser() -> Parser:
     sample.add_argument("--seed", type=_nonneg_int, default=0, help="image i uses seed S+i (default: %(default)s)")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     sample.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] at each step")
+    sample.add_argument(
+        "--class",
+        dest="class_label",
+        metavar="CLASS",
+        default=None,
+        help="class-conditional checkpoints: a class name from the checkpoint (e.g. 3 for digits), an index, "
+        "or 'all' (image i gets class i mod the number of classes) (default: unconditional)",
+    )
+    sample.add_argument(
+        "--guidance-scale",
+        type=_nonneg_float,
+        default=1.0,
+        help="classifier-free guidance weight w: 0 unconditional, 1 conditional, > 1 stronger; any other w "
+        "doubles the model evaluations (default: %(default)s)",
+    )
+    sample.add_argument(
+        "--grid-by-class",
+        action="store_true",
+        help="sample every class: grid.png gets one labelled row of --per-class images per class "
+        "(replaces --num-images)",
+    )
+    sample.add_argument(
+        "--per-class",
+        type=_positive_int,
+        default=None,
+        help="images per class with --grid-by-class (default: 8)",
+    )
 
     noise = sub.add_parser(
         "noise",
@@ -307,6 +356,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         zero_terminal_snr=args.zero_terminal_snr,
         warmup_steps=args.warmup_steps,
         ema_decay=args.ema_decay,
+        class_cond=args.class_cond,
+        data_dir=args.data_dir,
+        resize_mode=args.resize_mode,
+        hflip=args.hflip,
+        download=args.download,
     )
     result = train(config)
     print(
@@ -336,6 +390,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         use_ema=not args.no_ema,
         clip_denoised=not args.no_clip,
+        class_label=args.class_label,
+        guidance_scale=args.guidance_scale,
+        grid_by_class=args.grid_by_class,
+        per_class=args.per_class,
     )
     summary = sample_run(options)
     print(

@@ -1,18 +1,34 @@
-"""Training data: the bundled UCI digits and folders of images, held in memory as tensors."""
+"""Training data held in memory as one tensor: the bundled UCI digits, MNIST, Fashion-MNIST, CIFAR-10 and
+folders of images (optionally one subfolder per class), with a per-reason count of the files skipped."""
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 import sys
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .data_cache import cache_file, cache_key, default_cache_dir, read_cache, write_cache
+from .datasets_std import SPLITS, STANDARD_DATASETS, load_standard
 from .errors import InkwashError
 from .progress import progress
+
+RESIZE_MODES = ("crop", "resize")
+# Images whose shorter side is under this (or under image_size, if smaller) are skipped as "too small":
+# they are icons, spacers and tracking pixels, and upscaling them would only add blur to the data.
+MIN_IMAGE_SIDE = 8
+# Pillow raises a zoo of exception types on corrupt input; these are the ones Image.open itself catches,
+# plus the I/O errors of a truncated or unreadable file.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass
@@ -22,6 +38,7 @@ class ImageData:
     class_names: list[str] | None
     source: str
     skipped: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -42,6 +59,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image of ``batch`` (B, C, H, W) left-right with probability 1/2, drawn from ``generator``."""
+    flip = torch.rand(batch.shape[0], generator=generator, device=generator.device) < 0.5  # (B,)
+    flip = flip.to(batch.device)[:, None, None, None]
+    return torch.where(flip, batch.flip(-1), batch)
+
+
 def load_digits(image_size: int = 16) -> ImageData:
     """The 1,797 8x8 UCI handwritten digits bundled with scikit-learn, upsampled bilinearly."""
     from sklearn.datasets import load_digits as sklearn_digits
@@ -58,53 +82,246 @@ def load_digits(image_size: int = 16) -> ImageData:
     )
 
 
-def prepare_image(image: Image.Image, channels: int, image_size: int) -> np.ndarray:
-    """Apply EXIF orientation, flatten transparency onto white, convert to the model's channels,
-    resize the short side to image_size and center-crop. Returns uint8 (H, W, C)."""
+def _check_resize_mode(resize_mode: str) -> None:
+    if resize_mode not in RESIZE_MODES:
+        raise InkwashError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+
+
+def prepare_image(image: Image.Image, channels: int, image_size: int, resize_mode: str = "crop") -> np.ndarray:
+    """Apply EXIF orientation, scale 16-bit pixels to 8 bits, flatten transparency onto white, convert to
+    the model's channels, then either resize the short side and center-crop (``crop``) or squash to a
+    square (``resize``). Returns uint8 (H, W, C)."""
+    _check_resize_mode(resize_mode)
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255; 65535 / 257 = 255 maps the full range.
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     image = image.convert("L" if channels == 1 else "RGB")
-    image = ImageOps.fit(image, (image_size, image_size), Image.BICUBIC, centering=(0.5, 0.5))
+    size = (image_size, image_size)
+    if resize_mode == "crop":
+        image = ImageOps.fit(image, size, Image.BICUBIC, centering=(0.5, 0.5))
+    else:
+        image = image.resize(size, Image.BICUBIC)
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
 
-def load_folder(path: str | Path, channels: int, image_size: int, show_progress: bool = True) -> ImageData:
-    """Every image Pillow can read under ``path`` (recursively); unreadable files are counted."""
-    root = Path(path)
-    if not root.exists():
-        raise InkwashError(f"data folder not found: {root}")
-    if not root.is_dir():
-        raise InkwashError(f"--data must be 'digits' or a folder of images, got a file: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    arrays, skipped = [], 0
-    for file in progress(files, desc="loading images", unit="img", disable=not show_progress):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(file) as image:
-                    image.load()
-                    arrays.append(prepare_image(image, channels, image_size))
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            skipped += 1
-    if skipped:
-        print(f"warning: skipped {skipped} unreadable file(s) of {len(files)} in {root}", file=sys.stderr)
-    if not arrays:
-        raise InkwashError(f"no readable images in {root} ({len(files)} file(s) tried)")
-    return ImageData(
-        images=to_unit_range(np.stack(arrays)), labels=None, class_names=None, source=str(root), skipped=skipped
+def _skip_labels(min_side: int) -> dict[str, str]:
+    """Reason key -> how the warning names it, in the order the warning lists them."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return {
+        "outside classes": "outside the class folders",
+        "empty": "empty",
+        "unknown format": "of unknown format",
+        "unreadable": "unreadable (truncated or corrupt)",
+        "unsupported mode": "in an unsupported mode",
+        "too small": f"too small (a side under {min_side} px)",
+        "bomb": f"over Pillow's decompression-bomb limit of {limit} pixels",
+    }
+
+
+def _decode(
+    file: Path, num_bytes: int, channels: int, image_size: int, resize_mode: str, min_side: int
+) -> np.ndarray | str:
+    """The file's prepared pixels, or the reason (a key of _skip_labels) it is skipped."""
+    if num_bytes == 0:
+        return "empty"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both count as over the limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                if min(image.size) < min_side:
+                    return "too small"
+                # JPEGs can decode at 1/2, 1/4 or 1/8 scale, never below the requested size: much faster.
+                image.draft(None, (image_size, image_size))
+                image.load()
+                try:
+                    return prepare_image(image, channels, image_size, resize_mode)
+                except ValueError:
+                    return "unsupported mode"
+    except Image.UnidentifiedImageError:
+        return "unknown format"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "bomb"
+    except DECODE_ERRORS:
+        return "unreadable"
+
+
+def _list_files(root: Path) -> list[Path]:
+    """Every file under root, sorted, leaving out hidden files and anything inside hidden folders."""
+    files = (p for p in root.rglob("*") if p.is_file())
+    return sorted(
+        (p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        key=lambda p: p.relative_to(root).as_posix(),
     )
 
 
-def load_data(spec: str, channels: int, image_size: int, show_progress: bool = True) -> ImageData:
-    """``digits`` or a folder path."""
+def _warn_skips(root: Path, counts: dict[str, int], num_files: int, min_side: int) -> None:
+    total = sum(counts.values())
+    if total:
+        labels = _skip_labels(min_side)
+        reasons = ", ".join(f"{counts[key]} {label}" for key, label in labels.items() if counts.get(key))
+        print(f"warning: skipped {total} of {num_files} files in {root}: {reasons}", file=sys.stderr)
+
+
+def _decode_files(
+    files: list[Path],
+    relative: list[tuple[str, ...]],
+    stats: list[os.stat_result],
+    class_names: list[str] | None,
+    settings: dict,
+    show_progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, int]]:
+    """uint8 (N, H, W, C) pixels of the usable files, their int64 labels (None without classes) and the
+    skip counts by reason."""
+    channels, image_size = settings["channels"], settings["image_size"]
+    arrays, labels, counts = [], [], Counter()
+    class_index = {name: i for i, name in enumerate(class_names or [])}
+    files = progress(files, desc="loading images", unit="img", disable=not show_progress)
+    for file, parts, stat in zip(files, relative, stats, strict=True):
+        if class_names is not None and len(parts) == 1:
+            counts["outside classes"] += 1
+            continue
+        result = _decode(file, stat.st_size, channels, image_size, settings["resize_mode"], settings["min_side"])
+        if isinstance(result, str):
+            counts[result] += 1
+            continue
+        arrays.append(result)
+        if class_names is not None:
+            labels.append(class_index[parts[0]])
+    pixels = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, channels), np.uint8)
+    return pixels, None if class_names is None else np.array(labels, dtype=np.int64), dict(counts)
+
+
+def load_folder(
+    path: str | Path,
+    channels: int,
+    image_size: int,
+    show_progress: bool = True,
+    *,
+    class_cond: bool = False,
+    resize_mode: str = "crop",
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+) -> ImageData:
+    """Every image under ``path`` (recursively). With ``class_cond`` each first-level subfolder is a class
+    (labels in sorted name order) and files directly in ``path`` are skipped. Files that cannot be used
+    are skipped and counted by reason. Decoded folders are cached on disk (see data_cache)."""
+    root = Path(path)
+    if not root.exists():
+        raise InkwashError(
+            f"data folder not found: {root} (--data takes digits, {', '.join(STANDARD_DATASETS)} or a folder)"
+        )
+    if not root.is_dir():
+        raise InkwashError(
+            f"--data must be digits, {', '.join(STANDARD_DATASETS)} or a folder of images, got a file: {root}"
+        )
+    _check_resize_mode(resize_mode)
+    files = _list_files(root)
+    relative = [file.relative_to(root).parts for file in files]
+    class_names = sorted({parts[0] for parts in relative if len(parts) > 1}) if class_cond else None
+    if class_cond and not class_names:
+        raise InkwashError(f"--class-cond needs one subfolder per class in {root}; it has no subfolders with files")
+    min_side = min(MIN_IMAGE_SIDE, image_size)
+    settings = {
+        "channels": channels,
+        "image_size": image_size,
+        "resize_mode": resize_mode,
+        "class_cond": class_cond,
+        "min_side": min_side,
+        "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+    }
+    stats = [file.stat() for file in files]
+    if cache:
+        entry = cache_file(Path(cache_dir) if cache_dir else default_cache_dir(), root, settings)
+        key = cache_key(
+            settings, [("/".join(p), s.st_size, s.st_mtime_ns) for p, s in zip(relative, stats, strict=True)]
+        )
+        cached = read_cache(entry, key)
+    else:
+        cached = None
+    if cached is not None:
+        pixels, counts = cached["pixels"], json.loads(str(cached["meta"]))["skipped"]
+        labels = cached["labels"] if class_cond else None
+    else:
+        pixels, labels, counts = _decode_files(files, relative, stats, class_names, settings, show_progress)
+    _warn_skips(root, counts, len(files), min_side)
+    if not len(pixels):
+        raise InkwashError(f"no readable images in {root} ({len(files)} file(s) tried)")
+    if cache and cached is None:
+        arrays = {"pixels": pixels, "meta": np.array(json.dumps({"skipped": counts}))}
+        write_cache(entry, key, arrays if labels is None else {**arrays, "labels": labels})
+    return ImageData(
+        images=to_unit_range(pixels),
+        labels=None if labels is None else torch.from_numpy(labels),
+        class_names=class_names,
+        source=str(root),
+        skipped=sum(counts.values()),
+        skipped_by_reason=counts,
+    )
+
+
+def _conform(pixels: np.ndarray, channels: int, image_size: int, resize_mode: str, show_progress: bool) -> np.ndarray:
+    """Bring uint8 (N, H, W, C) pixels to the model's channels and size, through prepare_image."""
+    if pixels.shape[1:] == (image_size, image_size, channels):
+        return pixels
+    squeeze = pixels.shape[-1] == 1
+    return np.stack(
+        [
+            prepare_image(Image.fromarray(p[..., 0] if squeeze else p), channels, image_size, resize_mode)
+            for p in progress(pixels, desc="resizing", unit="img", disable=not show_progress)
+        ]
+    )
+
+
+def load_data(
+    spec: str,
+    channels: int,
+    image_size: int,
+    show_progress: bool = True,
+    *,
+    class_cond: bool = False,
+    resize_mode: str = "crop",
+    data_dir: str | Path = "data",
+    split: str = "train",
+    download: bool = False,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+) -> ImageData:
+    """``digits``, ``mnist``, ``fashion-mnist`` or ``cifar10`` (read from ``data_dir``; ``split`` picks
+    train or test; ``download`` fetches missing files), or a folder path (see load_folder)."""
+    _check_resize_mode(resize_mode)
+    if split not in SPLITS:
+        raise InkwashError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if spec in STANDARD_DATASETS:
+        pixels, labels, class_names = load_standard(spec, data_dir, split, download, show_progress)
+        return ImageData(
+            images=to_unit_range(_conform(pixels, channels, image_size, resize_mode, show_progress)),
+            labels=torch.from_numpy(labels),
+            class_names=class_names,
+            source=spec,
+        )
+    if split != "train":
+        raise InkwashError(f"a test split exists only for {', '.join(STANDARD_DATASETS)}, not for {spec!r}")
     if spec == "digits":
+        data = load_digits(image_size)
         if channels != 1:
-            data = load_digits(image_size)
             data.images = data.images.expand(-1, channels, -1, -1).contiguous()
-            return data
-        return load_digits(image_size)
-    return load_folder(spec, channels, image_size, show_progress)
+        return data
+    return load_folder(
+        spec,
+        channels,
+        image_size,
+        show_progress,
+        class_cond=class_cond,
+        resize_mode=resize_mode,
+        cache=cache,
+        cache_dir=cache_dir,
+    )

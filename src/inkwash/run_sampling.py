@@ -13,15 +13,16 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_model
 from .data import load_folder, prepare_image, to_uint8, to_unit_range
-from .denoiser import ClampedDenoiser, ModelDenoiser
+from .denoiser import ModelDenoiser
 from .errors import InkwashError
 from .img2img import strength_sigmas
-from .pictures import reverse_strip, sample_grid, save_png
+from .pictures import reverse_strip, sample_grid, save_png, tile
 from .samplers import get_sampler
 from .sampling import generate
 from .steps import build_sigmas
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
+DEFAULT_PER_CLASS = 8
 
 
 @dataclass
@@ -44,6 +45,10 @@ class SampleOptions:
     strength: float = 0.75
     mask: str | None = None  # white = generate, black = keep
     strip_points: int = 8
+    class_label: str | None = None  # a class name, an index, or "all" (image i gets class i mod K)
+    guidance_scale: float = 1.0  # classifier-free guidance weight w; 1 = plain conditional sampling
+    grid_by_class: bool = False  # one grid row of per_class images for every class
+    per_class: int | None = None  # images per class with grid_by_class (None: DEFAULT_PER_CLASS)
     show_progress: bool = True
 
 
@@ -84,7 +89,7 @@ def load_init_and_mask(options: SampleOptions, shape: tuple) -> tuple[torch.Tens
     channels, size = shape[0], shape[1]
     path = Path(options.init_image)
     if path.is_dir():
-        init = load_folder(path, channels, size, show_progress=options.show_progress).images
+        init = load_folder(path, channels, size, show_progress=options.show_progress, cache=False).images
     else:
         init = to_unit_range(_read_image(path, channels, size, "init image")[None])
     mask = None
@@ -94,6 +99,59 @@ def load_init_and_mask(options: SampleOptions, shape: tuple) -> tuple[torch.Tens
     return init, mask
 
 
+def class_names(config: dict) -> list[str]:
+    """The class names of a checkpoint, one per class index; empty for an unconditional model."""
+    num_classes = int(config["unet"].get("num_classes", 0))
+    names = (config.get("data") or {}).get("class_names") or []
+    if len(names) != num_classes:
+        return [str(i) for i in range(num_classes)]
+    return [str(name) for name in names]
+
+
+def resolve_class(value: str, names: list[str]) -> int:
+    """A class index from a name (tried first, since names are often digits) or an index."""
+    if value in names:
+        return names.index(value)
+    try:
+        index = int(value)
+    except ValueError:
+        raise InkwashError(
+            f"unknown class {value!r}; choose from {', '.join(names)}, an index 0..{len(names) - 1} or 'all'"
+        ) from None
+    if not 0 <= index < len(names):
+        raise InkwashError(f"--class index {index} is out of range 0..{len(names) - 1}")
+    return index
+
+
+def plan_labels(options: SampleOptions, names: list[str]) -> tuple[torch.Tensor | None, int]:
+    """The (N,) class label of every image (None: unconditional) and the number of images N."""
+    if options.per_class is not None and not options.grid_by_class:
+        raise InkwashError("--per-class needs --grid-by-class")
+    if not names:
+        for flag, used in (
+            ("--class", options.class_label is not None),
+            ("--grid-by-class", options.grid_by_class),
+            ("--guidance-scale", options.guidance_scale != 1.0),
+        ):
+            if used:
+                raise InkwashError(f"{flag} needs a class-conditional checkpoint (train with --class-cond)")
+        return None, options.num_images
+    if options.grid_by_class:
+        if options.class_label is not None:
+            raise InkwashError("--grid-by-class samples every class; leave out --class")
+        per_class = options.per_class or DEFAULT_PER_CLASS
+        if per_class < 1:
+            raise InkwashError(f"--per-class must be at least 1, got {per_class}")
+        return torch.arange(len(names)).repeat_interleave(per_class), per_class * len(names)
+    if options.class_label is None:
+        if options.guidance_scale != 1.0:
+            raise InkwashError("--guidance-scale needs --class or --grid-by-class")
+        return None, options.num_images
+    if options.class_label == "all":
+        return torch.arange(options.num_images) % len(names), options.num_images
+    return torch.tensor([resolve_class(options.class_label, names)]), options.num_images
+
+
 def savez_bytes(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -101,9 +159,14 @@ def savez_bytes(**arrays: np.ndarray) -> bytes:
 
 
 def sample_run(options: SampleOptions) -> dict:
-    """Sample ``options.num_images`` images and write PNGs, grid.png, samples.npz, reverse.png."""
+    """Sample ``options.num_images`` images (or ``per_class`` of every class with ``grid_by_class``) and
+    write PNGs, grid.png, samples.npz, reverse.png and sampling.json."""
     info = get_sampler(options.sampler)
+    if not options.guidance_scale >= 0.0:
+        raise InkwashError(f"--guidance-scale must be >= 0, got {options.guidance_scale}")
     model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
+    names = class_names(config)
+    labels, num_images = plan_labels(options, names)
     steps = options.steps or DEFAULT_STEPS.get(info.id, 50)
     if steps > schedule.num_steps:
         raise InkwashError(f"--steps must be at most {schedule.num_steps}, got {steps}")
@@ -122,8 +185,6 @@ def sample_run(options: SampleOptions) -> dict:
             raise InkwashError(str(exc)) from None
     steps_run = len(sigmas) - 1
     denoiser = ModelDenoiser(model, schedule, config.get("prediction", "eps"))
-    if options.clip_denoised:
-        denoiser = ClampedDenoiser(denoiser)
     record = sorted(
         {round(i * (steps_run - 1) / max(1, options.strip_points - 1)) for i in range(options.strip_points)}
     )
@@ -140,7 +201,7 @@ def sample_run(options: SampleOptions) -> dict:
         shape,
         sigmas,
         sampler=info.id,
-        num_images=options.num_images,
+        num_images=num_images,
         batch_size=options.batch_size,
         seed=options.seed,
         sampler_options=sampler_options(info.id, eta=options.eta, variance=options.variance, s_churn=options.s_churn),
@@ -149,9 +210,18 @@ def sample_run(options: SampleOptions) -> dict:
         on_batch=write_batch,
         init=init,
         mask=mask,
+        labels=labels,
+        guidance_scale=options.guidance_scale,
+        null_label=len(names) or None,
+        clip_denoised=options.clip_denoised,
     )
     atomic_write_bytes(out / "samples.npz", savez_bytes(samples=to_uint8(result.images)))
-    save_png(sample_grid(result.images), out / "grid.png")
+    if options.grid_by_class:
+        per_class = num_images // len(names)
+        rows = [to_uint8(result.images[c * per_class : (c + 1) * per_class]) for c in range(len(names))]
+        save_png(tile(rows, row_labels=names), out / "grid.png")
+    else:
+        save_png(sample_grid(result.images), out / "grid.png")
     if result.trajectory:
         save_png(reverse_strip(result.trajectory, result.images), out / "reverse.png")
     summary = {
@@ -160,8 +230,11 @@ def sample_run(options: SampleOptions) -> dict:
         "steps": steps,
         "steps_run": steps_run,
         "nfe": result.nfe,
-        "num_images": options.num_images,
+        "num_images": num_images,
         "seed": options.seed,
+        "guidance_scale": options.guidance_scale,
+        "class_names": names or None,
+        "labels": None if labels is None else [int(label) for label in labels.expand(num_images)],
         "checkpoint_step": config.get("step"),
         "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
     }

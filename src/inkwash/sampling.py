@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .denoiser import Denoiser
+from .denoiser import ClampedDenoiser, Denoiser
+from .guidance import GuidedDenoiser
 from .img2img import InpaintDenoiser
 from .progress import progress
 from .rng import SampleRNG, sample_seeds
@@ -17,21 +18,27 @@ from .steps import validate_sigmas
 
 
 class CountingDenoiser:
-    """Wraps a denoiser and counts its evaluations (NFE: one per call, whatever the batch)."""
+    """Wraps a denoiser and counts its calls and the images it evaluated.
+
+    ``rows`` sums the batch sizes it saw: a guided call evaluates each image twice in one call on the
+    doubled batch, so model evaluations per image (the NFE we report) are rows / images, not calls.
+    """
 
     def __init__(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
         self.calls = 0
+        self.rows = 0
 
     def __call__(self, x, sigma, cond=None):
         self.calls += 1
+        self.rows += x.shape[0]
         return self.denoiser(x, sigma, cond)
 
 
 @dataclass
 class SampleResult:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1]
-    nfe: int  # model evaluations per image
+    nfe: int  # model evaluations per image; two per guided call
     trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
@@ -62,6 +69,10 @@ def generate(
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
     init: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
+    clip_denoised: bool = False,
 ) -> SampleResult:
     """Sample ``num_images`` images; image i uses seed ``seed + i`` for all of its noise.
 
@@ -69,13 +80,28 @@ def generate(
     for the reverse-process strip. With ``init`` (N or 1, C, H, W) the run starts from
     ``init + sigmas[0] * noise`` (img2img, see ``img2img.strength_sigmas``); with ``mask``
     (1 where generated, 0 where kept) it inpaints.
+
+    ``labels`` (N or 1,) are class indices passed to the denoiser as ``cond``; image i gets row i, so
+    it depends only on its seed and label. ``guidance_scale`` w != 1 applies classifier-free guidance
+    (``guidance.GuidedDenoiser``) and needs ``null_label``, the model's "no class" index
+    (``UNetConfig.num_classes``). ``clip_denoised`` clips each denoised estimate to [-1, 1] after
+    guidance, as diffusers' ``clip_sample`` and Imagen's static thresholding do.
     """
     if mask is not None and init is None:
         raise ValueError("inpainting needs an init image")
+    if not guidance_scale >= 0.0:
+        raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
+    if guidance_scale != 1.0 and (labels is None or null_label is None):
+        raise ValueError("classifier-free guidance needs labels and the model's null_label")
     validate_sigmas(sigmas)
     info = get_sampler(sampler)
     options = dict(sampler_options or {})
     counter = CountingDenoiser(denoiser)
+    model_denoiser: Denoiser = counter
+    if guidance_scale != 1.0:
+        model_denoiser = GuidedDenoiser(model_denoiser, guidance_scale, null_label)
+    if clip_denoised:
+        model_denoiser = ClampedDenoiser(model_denoiser)
     chunks: list[torch.Tensor] = []
     trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = []
     record_set = set(record)
@@ -84,7 +110,8 @@ def generate(
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         rng = SampleRNG(sample_seeds(seed, count, start), device=device)
-        batch_denoiser = counter
+        batch_denoiser = model_denoiser
+        cond = None if labels is None else _rows(labels, start, count).to(device)  # (B,)
         if init is None:
             x = prior_sample(rng, image_shape, float(sigmas[0])).to(device)
         else:
@@ -92,7 +119,9 @@ def generate(
             first_noise = rng.randn(image_shape).to(device)
             x = batch_init + float(sigmas[0]) * first_noise
             if mask is not None:
-                batch_denoiser = InpaintDenoiser(counter, batch_init, _rows(mask, start, count).to(device), first_noise)
+                batch_denoiser = InpaintDenoiser(
+                    model_denoiser, batch_init, _rows(mask, start, count).to(device), first_noise
+                )
         keep = trajectory if start == 0 else None
 
         def callback(state: dict, count: int = count, keep: list | None = keep) -> None:
@@ -100,18 +129,19 @@ def generate(
             if keep is not None and state["i"] in record_set:
                 keep.append((state["sigma"], state["x"].cpu(), state["denoised"].cpu()))
 
-        calls_before = counter.calls
+        rows_before = counter.rows
         out = info.fn(
             batch_denoiser,
             x,
             sigmas.to(device),
             noise=lambda rng=rng, x=x: rng.randn_like(x),
             callback=callback,
+            cond=cond,
             **options,
         )
         if isinstance(batch_denoiser, InpaintDenoiser):
             out = batch_denoiser.finish(out)
-        nfe = counter.calls - calls_before
+        nfe = (counter.rows - rows_before) // count
         out = out.clamp(-1, 1).cpu()
         if on_batch is not None:
             on_batch(start, out)

@@ -48,6 +48,11 @@ class TrainConfig:
     zero_terminal_snr: bool = False
     log_every: int = 10
     time_limit: float | None = None  # seconds; stop early when reached (used by the demo)
+    class_cond: bool = False  # labels from the dataset (a folder's first-level subfolders are classes)
+    data_dir: str = "data"  # where mnist, fashion-mnist and cifar10 files live
+    resize_mode: str = "crop"  # "crop": short side then center crop; "resize": squash to a square
+    hflip: bool = False  # random horizontal flips of each training batch
+    download: bool = False  # fetch missing standard-dataset files (checksummed)
 
     def validate(self) -> None:
         checks = [
@@ -170,7 +175,16 @@ def train(config: TrainConfig, data: ImageData | None = None, show_progress: boo
     except ValueError as exc:
         raise InkwashError(str(exc)) from None
     if data is None:
-        data = load_data(config.data, unet_config.in_channels, unet_config.image_size, show_progress)
+        data = load_data(
+            config.data,
+            unet_config.in_channels,
+            unet_config.image_size,
+            show_progress,
+            class_cond=config.class_cond,
+            resize_mode=config.resize_mode,
+            data_dir=config.data_dir,
+            download=config.download,
+        )
     if data.shape != (unet_config.in_channels, unet_config.image_size, unet_config.image_size):
         raise InkwashError(f"data shape {data.shape} does not match the model's input")
 
