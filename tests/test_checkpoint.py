@@ -43,17 +43,18 @@ def test_checkpoint_round_trip_is_bitwise(run_dir, tmp_path):
 
 
 def test_files_and_config(run_dir):
-    names = set(os.listdir(run_dir))
-    assert {
+    assert {"checkpoints", "log.csv", "loss.png"} <= set(os.listdir(run_dir))
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000003", "step_00000006"]
+    names = set(os.listdir(run_dir / "checkpoints" / "step_00000006"))
+    assert names == {
         "config.json",
         "model.safetensors",
         "ema.safetensors",
         "optimizer.safetensors",
-        "log.csv",
-        "loss.png",
-    } <= names
-    assert not [n for n in names if n.endswith(".tmp")]
+        "state.safetensors",
+    }
     config = read_config(run_dir)
+    assert config["step"] == 6
     assert config["unet"]["base_channels"] == preset("tiny").base_channels
     assert config["prediction"] == "eps"
     assert config["data"]["class_names"] == [str(d) for d in range(10)]
@@ -68,7 +69,7 @@ def test_ema_differs_from_raw_weights(run_dir):
 def test_optimizer_state_round_trip(run_dir):
     model, _, _ = load_model(run_dir, use_ema=False)
     optimizer = torch.optim.AdamW(model.parameters())
-    load_optimizer_state(optimizer, run_dir / "optimizer.safetensors")
+    load_optimizer_state(optimizer, run_dir / "checkpoints" / "step_00000006" / "optimizer.safetensors")
     state = optimizer.state_dict()["state"]
     assert len(state) == len(list(model.parameters()))
     assert float(state[0]["step"]) == 6.0
@@ -78,12 +79,12 @@ def test_optimizer_state_round_trip(run_dir):
 def test_mismatched_weights_are_a_clear_error(run_dir, tmp_path):
     other = UNet(preset("digits"))
     with pytest.raises(InkwashError, match="does not match the model"):
-        load_weights(other, run_dir / "model.safetensors")
+        load_weights(other, run_dir / "checkpoints" / "step_00000006" / "model.safetensors")
 
 
 def test_corrupt_files_are_clear_errors(run_dir, tmp_path):
     for name in ("config.json", "model.safetensors", "ema.safetensors"):
-        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+        (tmp_path / name).write_bytes((run_dir / "checkpoints" / "step_00000006" / name).read_bytes())
     (tmp_path / "ema.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(InkwashError, match="cannot read"):
         load_model(tmp_path)

@@ -24,7 +24,8 @@ def test_tiny_training_run_loss_falls(tmp_path):
     first, last = log["loss"][0], sum(log["loss"][-3:]) / 3
     assert last < 0.6 * first, (first, last)
     assert result.steps == 60
-    assert set(log) == {"step", "loss", "lr", "images_per_sec"}
+    assert set(log) == {"step", "loss", "lr", "images_per_sec", "skipped"}
+    assert log["skipped"][-1] == 0
 
 
 def test_training_is_deterministic_under_a_seed(tmp_path):
@@ -36,7 +37,7 @@ def test_training_is_deterministic_under_a_seed(tmp_path):
             data=data,
             show_progress=False,
         )
-        results.append((tmp_path / name / "model.safetensors").read_bytes())
+        results.append((tmp_path / name / "checkpoints" / "step_00000003" / "model.safetensors").read_bytes())
     assert results[0] == results[1]
 
 

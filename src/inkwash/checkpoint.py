@@ -1,9 +1,11 @@
 """Checkpoints: safetensors weights plus a JSON config, written atomically.
 
-A run directory holds ``config.json`` (enough to rebuild the model and its schedule),
-``model.safetensors``, ``ema.safetensors`` and ``optimizer.safetensors``. Every file is written
-to a temporary file, fsynced and renamed over the old one, so a crash never leaves a torn file.
-Nothing is ever unpickled.
+A checkpoint directory holds ``config.json`` (enough to rebuild the model and its schedule),
+``model.safetensors``, ``ema.safetensors`` and, from training, ``optimizer.safetensors`` and
+``state.safetensors``. Every file is written to a temporary file, fsynced and renamed over the old
+one, so a crash never leaves a torn file. A training run keeps its checkpoints in
+``RUN/checkpoints/step_NNNNNNNN`` (see ``resume.py``); anything that takes a checkpoint also takes
+the run directory and uses its newest complete checkpoint. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -118,12 +120,41 @@ def save_checkpoint(
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
 
 
+CHECKPOINTS_DIR = "checkpoints"
+STEP_PREFIX = "step_"
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first. A step directory appears only by an atomic
+    rename once all of its files are on disk, so every one listed here is whole."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        suffix = entry.name[len(STEP_PREFIX) :]
+        if entry.name.startswith(STEP_PREFIX) and suffix.isdigit() and (entry / CONFIG_FILE).is_file():
+            found.append((int(suffix), entry))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or a run directory's newest complete checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise InkwashError(f"checkpoint directory not found: {path}")
+    if not path.is_dir():
+        raise InkwashError(f"--checkpoint must be a run directory, got a file: {path}")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = step_dirs(path)
+    if not found:
+        raise InkwashError(f"not an inkwash run directory (no {CONFIG_FILE} and no {CHECKPOINTS_DIR}/): {path}")
+    return found[-1]
+
+
 def read_config(run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise InkwashError(f"checkpoint directory not found: {run_dir}")
-    if not run_dir.is_dir():
-        raise InkwashError(f"--checkpoint must be a run directory, got a file: {run_dir}")
+    run_dir = resolve_checkpoint(run_dir)
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise InkwashError(f"not an inkwash run directory (no {CONFIG_FILE}): {run_dir}")
@@ -159,8 +190,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 def load_model(run_dir: str | Path, use_ema: bool = True) -> tuple[UNet, NoiseSchedule, dict]:
     """Rebuild the network and schedule from a run directory and load its (EMA) weights."""
+    run_dir = resolve_checkpoint(run_dir)
     config = read_config(run_dir)
     model, schedule = build_from_config(config)
-    load_weights(model, Path(run_dir) / (EMA_FILE if use_ema else MODEL_FILE))
+    load_weights(model, run_dir / (EMA_FILE if use_ema else MODEL_FILE))
     model.eval()
     return model, schedule, config

@@ -89,6 +89,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _metric_list(text: str) -> list[str]:
+    from .evaluate import METRICS
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {text!r}; choose from {', '.join(METRICS)}")
+    return names
+
+
 def _sampler_name(text: str) -> str:
     from .samplers import get_sampler
 
@@ -170,6 +180,54 @@ def build_parser() -> Parser:
         "--warmup-steps", type=_nonneg_int, default=100, help="linear learning-rate warm-up (default: %(default)s)"
     )
     train.add_argument("--ema-decay", type=_nonneg_float, default=0.999, help="(default: %(default)s)")
+    train.add_argument(
+        "--lr-schedule", default="constant", choices=["constant", "cosine"], help="after warm-up (default: %(default)s)"
+    )
+    train.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW (default: %(default)s)")
+    train.add_argument(
+        "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default: %(default)s)"
+    )
+    train.add_argument(
+        "--min-snr-gamma",
+        type=_positive_float,
+        default=None,
+        help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs) (default: off)",
+    )
+    train.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="bf16 autocast (CPU or GPU) or fp16 with loss scaling (GPU) (default: %(default)s)",
+    )
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    train.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    train.add_argument("--compile", action="store_true", help="torch.compile the network (slow to start)")
+    train.add_argument(
+        "--max-nonfinite",
+        type=_positive_int,
+        default=10,
+        help="stop after this many non-finite steps in a row; each is skipped (default: %(default)s)",
+    )
+    train.add_argument(
+        "--cond-drop",
+        type=_unit_float,
+        default=0.1,
+        help="label dropout for classifier-free guidance, with --class-cond (default: %(default)s)",
+    )
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue exactly from OUT's newest checkpoint (or start if it has none), or from PATH",
+    )
+    train.add_argument(
+        "--keep-last", type=_positive_int, default=3, help="checkpoints kept in OUT/checkpoints (default: %(default)s)"
+    )
+    train.add_argument("--log-every", type=_positive_int, default=10, help="steps per log row (default: %(default)s)")
+    train.add_argument(
+        "--sample-every", type=_positive_int, default=None, help="write OUT/samples/step_N.png every N steps"
+    )
+    train.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs the extra)")
 
     sample = sub.add_parser(
         "sample",
@@ -323,6 +381,51 @@ def build_parser() -> Parser:
         "--plot", default="bench_samplers.png", help="PNG of error against NFE (default: %(default)s)"
     )
 
+    evaluate = sub.add_parser(
+        "eval",
+        help="score samples against a reference (FID, KID, precision/recall, SWD, NLL)",
+        formatter_class=fmt,
+        description="Score samples (an .npz or folder, or drawn from a run directory) against the test half of a "
+        "reference, each score beside its real-data floor (the reference's train half scored the same way). "
+        "Metrics: fid, kid, pr (precision and recall), swd (Laplacian-pyramid sliced Wasserstein), nll "
+        "(bits/dim, needs --checkpoint).",
+        epilog="example:\n  inkwash eval --samples samples/samples.npz --reference digits --json eval.json\n"
+        "  inkwash eval --checkpoint runs/digits --reference digits --metrics fid,kid,nll --num-samples 2000",
+    )
+    images = evaluate.add_mutually_exclusive_group(required=True)
+    images.add_argument("--samples", help="an .npz of uint8 images (as 'inkwash sample' writes) or a folder")
+    images.add_argument("--checkpoint", help="a run directory to sample (with the sampling options below)")
+    evaluate.add_argument("--reference", required=True, help="'digits', a folder of images or an .npz of images")
+    evaluate.add_argument(
+        "--metrics",
+        type=_metric_list,
+        default=["fid", "kid", "pr", "swd"],
+        help="comma-separated, from fid,kid,pr,swd,nll (default: fid,kid,pr,swd)",
+    )
+    evaluate.add_argument(
+        "--features",
+        choices=["digits", "random", "inception"],
+        default=None,
+        help="feature network for fid/kid/pr (default: digits for the digits reference, random otherwise)",
+    )
+    evaluate.add_argument(
+        "--num-samples", type=_positive_int, default=None, help="(default: all of --samples; 1000 from --checkpoint)"
+    )
+    evaluate.add_argument("--json", default=None, help="also write the report as JSON")
+    evaluate.add_argument("--sampler", type=_sampler_name, default="ddim", help="(default: %(default)s)")
+    evaluate.add_argument("--steps", type=_positive_int, default=None, help="(default: 1000 for ddpm, else 50)")
+    evaluate.add_argument("--schedule", default="trailing", choices=list(STEP_SCHEDULES), help="(default: %(default)s)")
+    evaluate.add_argument("--eta", type=_nonneg_float, default=None, help="(default: the sampler's)")
+    evaluate.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=250, help="(default: %(default)s)")
+    evaluate.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    evaluate.add_argument(
+        "--nll-terms",
+        type=_positive_int,
+        default=100,
+        help="KL terms of the bound per image, stratified; 999 or more sums all of them (default: %(default)s)",
+    )
+
     demo = sub.add_parser(
         "demo",
         help="train on digits, sample, and write every picture",
@@ -361,12 +464,34 @@ def cmd_train(args: argparse.Namespace) -> None:
         resize_mode=args.resize_mode,
         hflip=args.hflip,
         download=args.download,
+        lr_schedule=args.lr_schedule,
+        weight_decay=args.weight_decay,
+        grad_accum=args.grad_accum,
+        min_snr_gamma=args.min_snr_gamma,
+        precision=args.precision,
+        device=args.device,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        max_nonfinite=args.max_nonfinite,
+        cond_drop=args.cond_drop,
+        resume=args.resume,
+        keep_last=args.keep_last,
+        log_every=args.log_every,
+        sample_every=args.sample_every,
+        tensorboard=args.tensorboard,
     )
     result = train(config)
+    skipped = f"; {result.skipped_steps} non-finite step(s) skipped" if result.skipped_steps else ""
     print(
-        f"trained {result.steps} steps in {result.seconds:.0f}s ({result.images_per_sec:.0f} images/s); "
-        f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; checkpoint in {result.run_dir}"
+        f"trained to step {result.steps} in {result.seconds:.0f}s ({result.images_per_sec:.0f} images/s); "
+        f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}{skipped}; checkpoint in {result.run_dir}"
     )
+    if result.interrupted:
+        print(
+            f"inkwash train: stopped by {result.interrupted} at step {result.steps}; continue with --resume latest",
+            file=sys.stderr,
+        )
+        raise SystemExit(130 if result.interrupted == "SIGINT" else 143)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -479,6 +604,31 @@ def cmd_bench(args: argparse.Namespace) -> None:
         write_json(rows, args.json, settings)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import EvalOptions, format_table, run_eval
+
+    options = EvalOptions(
+        reference=args.reference,
+        samples=args.samples,
+        checkpoint=args.checkpoint,
+        num_samples=args.num_samples,
+        metrics=tuple(args.metrics),
+        features=args.features,
+        sampler=args.sampler,
+        steps=args.steps,
+        schedule=args.schedule,
+        eta=args.eta,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        use_ema=not args.no_ema,
+        nll_terms=args.nll_terms,
+        json=args.json,
+    )
+    print(format_table(run_eval(options)))
+    if args.json:
+        print(f"wrote {args.json}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -492,6 +642,7 @@ COMMANDS = {
     "samplers": cmd_samplers,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "eval": cmd_eval,
 }
 
 

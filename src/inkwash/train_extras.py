@@ -1,0 +1,115 @@
+"""The trainer's helpers: mixed-precision contexts, the fp16 loss scaler, and what it shows while it
+runs (sample grids from the EMA weights, TensorBoard scalars)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InkwashError
+from .pictures import sample_grid, save_png
+
+if TYPE_CHECKING:
+    from .data import ImageData
+    from .schedule import NoiseSchedule
+    from .train import TrainConfig
+    from .unet import UNetConfig
+
+SAMPLES_DIR = "samples"
+GRID_IMAGES = 16
+GRID_STEPS = 25
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for bf16 / fp16; the weights, optimizer and loss stay fp32 (mixed precision)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 gradients underflow without loss scaling (Micikevicius et al. 2018); bf16 has fp32's range."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+class TrainingPictures:
+    """Rank 0's view of a run: a sample grid from the EMA weights every ``--sample-every`` steps (the
+    same seeds each time, so the grids show progress) and optional TensorBoard scalars."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        schedule: NoiseSchedule,
+        data: ImageData,
+        unet_config: UNetConfig,
+    ) -> None:
+        self.config, self.run_dir, self.schedule = config, run_dir, schedule
+        self.shape = (unet_config.in_channels, unet_config.image_size, unet_config.image_size)
+        self.num_classes = unet_config.num_classes
+        self.writer = None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise InkwashError(
+                    "--tensorboard needs the tensorboard package: pip install 'inkwash[tensorboard]'"
+                ) from None
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log_scalars(self, step: int, loss: float, lr: float, extra: dict[str, float] | None = None) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+        for name, value in (extra or {}).items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        self.writer.flush()
+
+    @torch.no_grad()
+    def sample_grid(self, ema: nn.Module, step: int) -> Path:
+        """DDIM over 25 trailing steps from the EMA weights; one row per class for conditional models."""
+        from .denoiser import ClampedDenoiser, ModelDenoiser
+        from .sampling import generate
+        from .steps import build_sigmas
+
+        device = next(ema.parameters()).device
+        denoiser = ClampedDenoiser(ModelDenoiser(ema, self.schedule, self.config.prediction))
+        labels = None
+        count, nrow = GRID_IMAGES, None
+        if self.num_classes:
+            per_class = 8
+            count, nrow = per_class * self.num_classes, per_class
+            labels = torch.arange(self.num_classes).repeat_interleave(per_class).to(device)
+        result = generate(
+            denoiser,
+            self.shape,
+            build_sigmas(self.schedule, GRID_STEPS, "trailing"),
+            sampler="ddim",
+            num_images=count,
+            batch_size=count,
+            seed=self.config.seed,
+            device=device,
+            show_progress=False,
+            labels=labels,
+        )
+        path = self.run_dir / SAMPLES_DIR / f"step_{step:08d}.png"
+        image = sample_grid(result.images, nrow=nrow)
+        save_png(image, path)
+        save_png(image, self.run_dir / SAMPLES_DIR / "latest.png")
+        if self.writer is not None:
+            array = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+            self.writer.add_image("samples", array, step)
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
