@@ -15,8 +15,8 @@ initial sigma) and draw their later noise from the same seeded generator, in the
 uses. Settings: diffusers with its defaults for a linear beta schedule (T = 1000, betas 1e-4 .. 0.02,
 ``clip_sample=False`` where the scheduler clips, its default ``timestep_spacing``), with inkwash's
 float64 tables in place of its float32 ones (same values, as in tests/test_diffusers_agreement.py);
-``--diffusers-karras`` gives it ``use_karras_sigmas=True`` where supported. inkwash runs its own
-step schedule (``--schedule``, default karras) with each sampler's default options.
+``--diffusers-karras`` gives it ``use_karras_sigmas=True`` where supported. inkwash runs each sampler
+with its default step schedule and options, as ``inkwash sample`` does (``--schedule NAME`` forces one).
 
 Scores: the sliced Wasserstein distance (SWD) of the samples to a fixed set of exact samples (the
 same projections for every run), the floor (the SWD between two exact sets of the same size: what a
@@ -31,7 +31,7 @@ Also prints each sampler's own cost per step without the model: a trivial denois
 sampler and for diffusers' ``scale_model_input`` + ``step`` loop (stock float32 tables).
 
     python benchmarks/samplers.py [--nfe 5,10,20,50] [--samplers all] [--num-samples 10000] [--seed 0]
-        [--schedule karras] [--diffusers-karras] [--no-best-search] [--no-overhead] [--threads 1] [--json out.json]
+        [--schedule auto] [--diffusers-karras] [--no-best-search] [--no-overhead] [--threads 1] [--json out.json]
 
 Runs single-threaded by default: on a busy machine torch's intra-op threads stall (40x slower here).
 """
@@ -340,15 +340,21 @@ class Bench:
         return self.runs[key]
 
 
+def ink_schedule(sampler: str, choice: str) -> str:
+    """inkwash's schedule for a sampler: ``auto`` is the sampler's own default (what ``inkwash sample`` uses)."""
+    return get_sampler(sampler).default_schedule if choice == "auto" else choice
+
+
 def compare(bench: Bench, samplers: list[str], targets: list[int], *, schedule: str, karras: bool) -> list[Row]:
-    """The table: every sampler at every target NFE, inkwash on ``schedule``, diffusers on ``table_schedule``."""
+    """The table: every sampler at every target NFE, inkwash on ``schedule`` (``auto``: each sampler's
+    default), diffusers on ``table_schedule``."""
     rows = []
     for sampler in samplers:
         twin = TWINS[sampler]
         why_not = twin_unavailable(twin)
         for target in targets:
             started = time.perf_counter()
-            ours = bench.inkwash(sampler, schedule, target)
+            ours = bench.inkwash(sampler, ink_schedule(sampler, schedule), target)
             if ours is None:
                 print(f"  {sampler}: no inkwash step count fits {target} NFE", file=sys.stderr)
                 continue
@@ -485,7 +491,7 @@ def overhead(samplers: list[str], schedule: str, steps: int, repeats: int, karra
     results = []
     for sampler in samplers:
         twin = TWINS[sampler]
-        ours = inkwash_overhead(sampler, schedule, steps, repeats)
+        ours = inkwash_overhead(sampler, ink_schedule(sampler, schedule), steps, repeats)
         theirs = None
         if twin_unavailable(twin) is None:
             theirs = diffusers_overhead(twin, steps, repeats, table_schedule(twin, karras))
@@ -526,7 +532,10 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=10_000, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument(
-        "--schedule", default="karras", choices=list(STEP_SCHEDULES), help="inkwash's step schedule (default: karras)"
+        "--schedule",
+        default="auto",
+        choices=["auto", *STEP_SCHEDULES],
+        help="inkwash's step schedule; auto: each sampler's default, as inkwash sample uses (default: auto)",
     )
     parser.add_argument(
         "--diffusers-karras", action="store_true", help="give diffusers use_karras_sigmas=True where supported"
@@ -567,7 +576,7 @@ def main() -> None:
     # The best at NFE ~ 10: the table's settings, and (unless --no-best-search) every schedule of each library.
     near = min(targets, key=lambda n: (abs(n - 10), n))
     table_settings = {
-        "inkwash": best_runs(bench, "inkwash", near, {s: [args.schedule] for s in samplers}),
+        "inkwash": best_runs(bench, "inkwash", near, {s: [ink_schedule(s, args.schedule)] for s in samplers}),
         "diffusers": best_runs(bench, "diffusers", near, {s: [d_schedules[s]] for s in compared}),
     }
     searched = None

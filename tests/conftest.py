@@ -58,3 +58,21 @@ def tiny_denoiser():
             if hasattr(block, "conv2"):
                 block.conv2.weight.normal_(0, 0.02)
     return ModelDenoiser(model.eval(), NoiseSchedule())
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    """A cache directory holding the trained digits feature classifier (about 10 s of training).
+
+    Under xdist it is shared by the workers of one run: the first trains it under a file lock, the
+    others wait and read it. Never shared between runs, so every run trains and checks it afresh.
+    """
+    from filelock import FileLock
+
+    from inkwash.features import digits_classifier
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "inkwash-cache"
+    with FileLock(f"{root}.lock"):
+        digits_classifier(root)
+    return root

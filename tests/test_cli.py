@@ -39,7 +39,7 @@ def trained_run(tmp_path_factory):
         "2",
     )
     assert result.returncode == 0, result.stderr
-    assert "trained 4 steps" in result.stdout
+    assert "trained to step 4" in result.stdout
     return out
 
 

@@ -60,9 +60,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("stop_at", [3, 5])
 def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, digits, stop_at):
     train(config(tmp_path / "straight"), data=digits, show_progress=False)
-    stopped = train(
-        config(tmp_path / "split"), data=digits, show_progress=False, stop=lambda step: step == stop_at
-    )
+    stopped = train(config(tmp_path / "split"), data=digits, show_progress=False, stop=lambda step: step == stop_at)
     assert stopped.steps == stop_at and stopped.interrupted == "stop"
     resumed = train(config(tmp_path / "split", resume="latest"), data=digits, show_progress=False)
     assert resumed.steps == 7

@@ -65,7 +65,7 @@ def bench_samplers(
     samplers: list[str],
     steps: list[int],
     *,
-    schedule: str = "karras",
+    schedule: str | None = None,
     beta_schedule: str = "linear",
     num_samples: int = 10_000,
     seed: int = 0,
@@ -80,7 +80,7 @@ def bench_samplers(
     rows = []
     jobs = [(s, n) for s in samplers for n in steps]
     for sampler, n in progress(jobs, desc="bench samplers", unit="run", disable=not show_progress):
-        sigmas = build_sigmas(noise_schedule, n, schedule)
+        sigmas = build_sigmas(noise_schedule, n, schedule or get_sampler(sampler).default_schedule)
         samples, nfe = run_sampler(gmm, sampler, sigmas, num_samples, seed)
         if not torch.isfinite(samples).all():
             swd = mode_error = float("nan")

@@ -252,7 +252,10 @@ def build_parser() -> Parser:
         "--steps", type=_positive_int, default=None, help="sampler steps (default: 1000 for ddpm, 50 for the others)"
     )
     sample.add_argument(
-        "--schedule", default="trailing", choices=list(STEP_SCHEDULES), help="step schedule (default: %(default)s)"
+        "--schedule",
+        default=None,
+        choices=list(STEP_SCHEDULES),
+        help="step schedule (default: the sampler's own, listed by 'inkwash samplers')",
     )
     sample.add_argument(
         "--eta",
@@ -368,7 +371,10 @@ def build_parser() -> Parser:
     bench_samplers.add_argument("--samplers", default="all", help="'all' or comma-separated ids (default: all)")
     bench_samplers.add_argument("--steps", type=_int_list, default=[5, 10, 20, 50], help="(default: 5,10,20,50)")
     bench_samplers.add_argument(
-        "--schedule", default="karras", choices=list(STEP_SCHEDULES), help="(default: %(default)s)"
+        "--schedule",
+        default=None,
+        choices=list(STEP_SCHEDULES),
+        help="step schedule for every sampler (default: each sampler's own)",
     )
     bench_samplers.add_argument(
         "--beta-schedule", default="linear", choices=list(BETA_SCHEDULES), help="sigma range (default: %(default)s)"
@@ -567,10 +573,13 @@ def _output_file(path: str) -> Path:
 def cmd_samplers(args: argparse.Namespace) -> None:
     from .samplers import SAMPLERS
 
-    print(f"{'id':20s} {'name':14s} {'order':>5s} {'stochastic':>10s} {'NFE/step':>8s}  note")
+    print(f"{'id':20s} {'name':14s} {'order':>5s} {'stochastic':>10s} {'NFE/step':>8s} {'schedule':>11s}  note")
     for info in SAMPLERS.values():
         stochastic = "yes" if info.stochastic else "no"
-        columns = f"{info.id:20s} {info.display_name:14s} {info.order:5d} {stochastic:>10s} {info.nfe_per_step:8d}"
+        columns = (
+            f"{info.id:20s} {info.display_name:14s} {info.order:5d} {stochastic:>10s} {info.nfe_per_step:8d} "
+            f"{info.default_schedule:>11s}"
+        )
         print(f"{columns}  {info.note}".rstrip())
 
 
@@ -594,10 +603,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     print(
         f"{args.gmm}: {gmm.num_components} components in {gmm.dim} dimensions, {args.num_samples} samples, "
-        f"{args.schedule} schedule"
+        f"{args.schedule or 'each sampler default'} schedule"
     )
     print(format_table(rows))
-    plot(rows, _output_file(args.plot), f"{args.gmm}, {args.schedule} schedule")
+    plot(rows, _output_file(args.plot), f"{args.gmm}, {args.schedule or 'default'} schedule")
     print(f"wrote {args.plot}")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("command", "bench_command")}

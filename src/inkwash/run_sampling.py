@@ -31,7 +31,7 @@ class SampleOptions:
     out: str
     sampler: str = "ddim"
     steps: int | None = None
-    schedule: str = "trailing"
+    schedule: str | None = None  # None: the sampler's default_schedule
     eta: float | None = None  # None: the sampler's own default
     variance: str | None = None
     s_churn: float | None = None
@@ -175,7 +175,8 @@ def sample_run(options: SampleOptions) -> dict:
         raise InkwashError(f"--out must be a directory, got a file: {out}")
     out.mkdir(parents=True, exist_ok=True)
 
-    sigmas = build_sigmas(schedule, steps, options.schedule, rho=options.rho)
+    schedule_name = options.schedule or info.default_schedule
+    sigmas = build_sigmas(schedule, steps, schedule_name, rho=options.rho)
     shape = tuple(config["data"]["shape"])
     init, mask = load_init_and_mask(options, shape)
     if init is not None:
@@ -226,7 +227,7 @@ def sample_run(options: SampleOptions) -> dict:
         save_png(reverse_strip(result.trajectory, result.images), out / "reverse.png")
     summary = {
         "sampler": info.id,
-        "schedule": options.schedule,
+        "schedule": schedule_name,
         "steps": steps,
         "steps_run": steps_run,
         "nfe": result.nfe,

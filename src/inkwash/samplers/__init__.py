@@ -30,27 +30,30 @@ class SamplerInfo:
     order: int  # order of accuracy of the deterministic part
     stochastic: bool  # injects fresh noise at each step by default
     nfe_per_step: int  # model evaluations per step (the last step to sigma = 0 may use fewer)
+    default_schedule: str  # the step schedule used when none is named (see the README's table)
     note: str = ""
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
     info.id: info
     for info in (
-        SamplerInfo("ddpm", "DDPM", sample_ddpm, 1, True, 1),
-        SamplerInfo("ddim", "DDIM", sample_ddim, 1, False, 1, "stochastic when eta > 0"),
-        SamplerInfo("euler", "Euler", sample_euler, 1, False, 1, "stochastic with s_churn > 0"),
-        SamplerInfo("euler_ancestral", "Euler a", sample_euler_ancestral, 1, True, 1),
-        SamplerInfo("heun", "Heun", sample_heun, 2, False, 2, "one evaluation on the last step"),
-        SamplerInfo("dpm_2", "DPM2", sample_dpm_2, 2, False, 2, "one evaluation on the last step"),
-        SamplerInfo("dpm_2_ancestral", "DPM2 a", sample_dpm_2_ancestral, 2, True, 2),
-        SamplerInfo("lms", "LMS", sample_lms, 4, False, 1),
-        SamplerInfo("plms", "PLMS", sample_plms, 4, False, 1, "one extra evaluation on the first step"),
-        SamplerInfo("dpmpp_2s_ancestral", "DPM++ 2S a", sample_dpmpp_2s_ancestral, 2, True, 2),
-        SamplerInfo("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m, 2, False, 1),
-        SamplerInfo("dpmpp_sde", "DPM++ SDE", sample_dpmpp_sde, 2, True, 2),
-        SamplerInfo("dpmpp_2m_sde", "DPM++ 2M SDE", sample_dpmpp_2m_sde, 2, True, 1),
-        SamplerInfo("dpmpp_3m_sde", "DPM++ 3M SDE", sample_dpmpp_3m_sde, 3, True, 1),
-        SamplerInfo("unipc", "UniPC", sample_unipc, 3, False, 1, "order-2 predictor with the UniC corrector"),
+        SamplerInfo("ddpm", "DDPM", sample_ddpm, 1, True, 1, "leading"),
+        SamplerInfo("ddim", "DDIM", sample_ddim, 1, False, 1, "leading", "stochastic when eta > 0"),
+        SamplerInfo("euler", "Euler", sample_euler, 1, False, 1, "leading", "stochastic with s_churn > 0"),
+        SamplerInfo("euler_ancestral", "Euler a", sample_euler_ancestral, 1, True, 1, "leading"),
+        SamplerInfo("heun", "Heun", sample_heun, 2, False, 2, "leading", "one evaluation on the last step"),
+        SamplerInfo("dpm_2", "DPM2", sample_dpm_2, 2, False, 2, "leading", "one evaluation on the last step"),
+        SamplerInfo("dpm_2_ancestral", "DPM2 a", sample_dpm_2_ancestral, 2, True, 2, "trailing"),
+        SamplerInfo("lms", "LMS", sample_lms, 4, False, 1, "trailing"),
+        SamplerInfo("plms", "PLMS", sample_plms, 4, False, 1, "leading", "one extra evaluation on the first step"),
+        SamplerInfo("dpmpp_2s_ancestral", "DPM++ 2S a", sample_dpmpp_2s_ancestral, 2, True, 2, "exponential"),
+        SamplerInfo("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m, 2, False, 1, "exponential"),
+        SamplerInfo("dpmpp_sde", "DPM++ SDE", sample_dpmpp_sde, 2, True, 2, "exponential"),
+        SamplerInfo("dpmpp_2m_sde", "DPM++ 2M SDE", sample_dpmpp_2m_sde, 2, True, 1, "trailing"),
+        SamplerInfo("dpmpp_3m_sde", "DPM++ 3M SDE", sample_dpmpp_3m_sde, 3, True, 1, "trailing"),
+        SamplerInfo(
+            "unipc", "UniPC", sample_unipc, 3, False, 1, "exponential", "order-2 predictor with the UniC corrector"
+        ),
     )
 }
 

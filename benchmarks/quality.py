@@ -1,0 +1,161 @@
+"""Sample quality after equal training: inkwash against a diffusers baseline of the same size.
+
+Trains the digits preset for a fixed budget of images seen, twice: with inkwash (``train.train``) and
+with a diffusers ``UNet2DModel`` of the same layout (``throughput.diffusers_twin``) on
+``DDPMScheduler`` noise, with the same data order, optimizer (AdamW), learning rate, warm-up, gradient
+clipping, batch size and EMA. Samples the EMA weights of each with 50-step DDIM (inkwash's sampler;
+diffusers' ``DDIMScheduler``), both with trailing timesteps and x0 clipped to [-1, 1], and reports FID
+and KID on the offline digits features beside the real-data floor, with the ratio inkwash / baseline
+(below 1: inkwash's samples are closer to the data).
+
+    python benchmarks/quality.py [--images 30000] [--num-samples 1000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from inkwash.checkpoint import load_model
+from inkwash.data import load_digits
+from inkwash.denoiser import ModelDenoiser
+from inkwash.evaluate import MetricSettings, sample_images, score_images
+from inkwash.reference import load_reference
+from inkwash.train import EpochSampler, TrainConfig, ema_update, make_optimizer, train
+from inkwash.unet import count_parameters, preset
+from throughput import diffusers_twin
+
+
+def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = TrainConfig(
+            data="digits",
+            out=run_dir,
+            preset=args.preset,
+            steps=steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            ema_decay=args.ema_decay,
+            seed=args.seed,
+            checkpoint_every=steps,
+        )
+        result = train(config, data=data, show_progress=not args.quiet)
+        model, schedule, _ = load_model(run_dir)  # the EMA weights
+    return ModelDenoiser(model, schedule), result.seconds
+
+
+def train_diffusers(args, data, steps: int):
+    """The same loop as inkwash's trainer, on a diffusers UNet2DModel with DDPMScheduler.add_noise."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    model = diffusers_twin(preset(args.preset))
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = make_optimizer(model, args.lr)
+    batches = EpochSampler(len(data), args.batch_size, generator)
+    started = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, step / max(1, args.warmup_steps))
+        x0 = data.images[batches.next()]  # (B, C, H, W)
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+    return ema, time.perf_counter() - started
+
+
+@torch.no_grad()
+def sample_diffusers(model, shape, num_samples: int, steps: int, seed: int, batch_size: int = 250) -> torch.Tensor:
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, timestep_spacing="trailing"
+    )
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in range(0, num_samples, batch_size):
+        scheduler.set_timesteps(steps)
+        x = torch.randn(min(batch_size, num_samples - start), *shape, generator=generator)
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t).sample, t, x).prev_sample
+        chunks.append(x.clamp(-1, 1))
+    return torch.cat(chunks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=30_000, help="training images seen by each (default: 30000)")
+    parser.add_argument("--num-samples", type=int, default=1000, help="samples drawn from each (default: 1000)")
+    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    config = preset(args.preset)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    data = load_digits(config.image_size)
+    steps = max(1, args.images // args.batch_size)
+    ours, ours_seconds = train_inkwash(args, data, steps)
+    theirs, theirs_seconds = train_diffusers(args, data, steps)
+    ours_images = sample_images(
+        ours.eval(), shape, args.num_samples, steps=args.sample_steps, seed=args.seed, show_progress=not args.quiet
+    )
+    theirs_images = sample_diffusers(theirs, shape, args.num_samples, args.sample_steps, args.seed)
+
+    reference = load_reference("digits", shape)
+    settings = MetricSettings(metrics=("fid", "kid"), seed=args.seed)
+    ours_scores, counts = score_images(ours_images, reference, settings, show_progress=not args.quiet)
+    theirs_scores, _ = score_images(theirs_images, reference, settings)
+    result = {
+        "preset": args.preset,
+        "images_seen": steps * args.batch_size,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "sample_steps": args.sample_steps,
+        "counts": counts,
+        "parameters": {"inkwash": count_parameters(ours.network), "diffusers": count_parameters(theirs)},
+        "train_seconds": {"inkwash": round(ours_seconds, 1), "diffusers": round(theirs_seconds, 1)},
+        "inkwash": ours_scores,
+        "diffusers": theirs_scores,
+        "ratio": {key: ours_scores[key] / theirs_scores[key] for key in ("fid", "kid")},
+    }
+    print(
+        f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}); "
+        f"{args.num_samples} samples each with {args.sample_steps}-step DDIM, against the test half of digits "
+        f"({counts['reference']} images); digits features"
+    )
+    print(f"{'':6s} {'inkwash':>12s} {'diffusers':>12s} {'ratio':>7s} {'real-data floor':>16s}")
+    for key in ("fid", "kid"):
+        print(
+            f"{key.upper():6s} {ours_scores[key]:12.4f} {theirs_scores[key]:12.4f} {result['ratio'][key]:7.2f} "
+            f"{ours_scores[key + '_floor']:16.4f}"
+        )
+    print(f"training seconds: inkwash {ours_seconds:.0f}, diffusers {theirs_seconds:.0f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
