@@ -228,6 +228,18 @@ def build_parser() -> Parser:
         "--sample-every", type=_positive_int, default=None, help="write OUT/samples/step_N.png every N steps"
     )
     train.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs the extra)")
+    train.add_argument(
+        "--eval-every", type=_positive_int, default=None, help="score the EMA model every N steps into log.csv"
+    )
+    train.add_argument(
+        "--eval-metrics", default="fid,kid", help="metrics for --eval-every (see inkwash eval) (default: %(default)s)"
+    )
+    train.add_argument(
+        "--eval-samples", type=_positive_int, default=500, help="images per --eval-every (default: %(default)s)"
+    )
+    train.add_argument(
+        "--eval-reference", default=None, help="digits, a folder or an .npz (default: --data when it is one)"
+    )
 
     sample = sub.add_parser(
         "sample",
@@ -485,6 +497,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         log_every=args.log_every,
         sample_every=args.sample_every,
         tensorboard=args.tensorboard,
+        eval_every=args.eval_every,
+        eval_metrics=args.eval_metrics,
+        eval_samples=args.eval_samples,
+        eval_reference=args.eval_reference,
     )
     result = train(config)
     skipped = f"; {result.skipped_steps} non-finite step(s) skipped" if result.skipped_steps else ""

@@ -117,11 +117,19 @@ def reverse_strip(
 def read_log(path: str | Path) -> dict[str, list[float]]:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return {key: [float(r[key]) for r in rows] for key in (rows[0].keys() if rows else [])}
+    # Evaluation columns are empty on the rows without an evaluation: NaN there.
+    return {
+        key: [float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]
+        for key in (rows[0] if rows else [])
+    }
+
+
+TRAINING_COLUMNS = ("step", "loss", "lr", "images_per_sec", "skipped")
 
 
 def loss_curve(log_path: str | Path, out_path: str | Path) -> None:
-    """Plot loss against step from the training CSV (log scale, with a running mean)."""
+    """Plot loss against step from the training CSV (log scale, with a running mean), and beside it
+    the evaluation scores of ``--eval-every`` with their real-data floors, when the log has them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +137,9 @@ def loss_curve(log_path: str | Path, out_path: str | Path) -> None:
 
     log = read_log(log_path)
     steps, losses = log.get("step", []), log.get("loss", [])
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    scores = [k for k in log if k not in TRAINING_COLUMNS and not k.endswith(("_floor", "_std")) and "px" not in k]
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(11 if scores else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0, 0]
     if steps:
         ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
         window = max(1, len(losses) // 20)
@@ -138,8 +148,23 @@ def loss_curve(log_path: str | Path, out_path: str | Path) -> None:
         ax.set_yscale("log")
         ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("L2 loss on epsilon")
+    ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
+    if scores:
+        ax = axes[0, 1]
+        for name in scores:
+            points = [(x, y) for x, y in zip(steps, log[name], strict=True) if not math.isnan(y)]
+            if not points:
+                continue
+            line = ax.plot(*zip(*points, strict=True), marker="o", lw=1.2, label=name)[0]
+            floor = [y for y in log.get(f"{name}_floor", []) if not math.isnan(y)]
+            if floor:
+                ax.axhline(floor[-1], color=line.get_color(), ls="--", lw=0.8, label=f"{name} real-data floor")
+        ax.set_xlabel("step")
+        ax.set_ylabel("evaluation score")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -77,6 +77,10 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     log_every: int = 10
     sample_every: int | None = None  # write a sample grid every N steps
+    eval_every: int | None = None  # score the EMA model every N steps (inkwash.evaluate.periodic_eval)
+    eval_metrics: str = "fid,kid"
+    eval_samples: int = 500
+    eval_reference: str | None = None  # digits, a folder or an .npz; default: --data when it is one of those
     tensorboard: bool = False
     time_limit: float | None = None  # seconds; stop early when reached (used by the demo)
     class_cond: bool = False  # labels from the dataset (a folder's first-level subfolders are classes)
@@ -108,6 +112,8 @@ class TrainConfig:
             (0 <= self.cond_drop < 1, "--cond-drop must be in [0, 1)"),
             (self.max_nonfinite >= 1, "--max-nonfinite must be at least 1"),
             (self.sample_every is None or self.sample_every >= 1, "--sample-every must be at least 1"),
+            (self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1"),
+            (self.eval_samples >= 2, "--eval-samples must be at least 2"),
             (
                 not self.zero_terminal_snr or self.prediction != "eps",
                 "--zero-terminal-snr needs --prediction v or x0: at zero SNR the noise says nothing about the image",
@@ -391,7 +397,10 @@ def _train(
                 interrupted = signals.received or "stop"
                 total_steps = step
             last = step == total_steps
-            if step % config.log_every == 0 or last:
+            scores = {}
+            if pictures is not None and config.eval_every and (step % config.eval_every == 0 or last):
+                scores = pictures.evaluate(ema, step)
+            if step % config.log_every == 0 or last or scores:
                 now = time.perf_counter()
                 images_per_sec = (step - interval_step) * per_step_images / max(now - interval_start, 1e-9)
                 if interval_losses:
@@ -403,10 +412,11 @@ def _train(
                         "lr": f"{lr:.6g}",
                         "images_per_sec": f"{images_per_sec:.2f}",
                         "skipped": counters["nonfinite_total"],
+                        **{name: f"{value:.6g}" for name, value in scores.items()},
                     }
                 )
                 if pictures is not None:
-                    pictures.log_scalars(step, final_loss, lr)
+                    pictures.log_scalars(step, final_loss, lr, scores)
                 bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{images_per_sec:.0f}")
                 interval_start, interval_step, interval_losses = now, step, []
             bar.update(1)

@@ -56,6 +56,7 @@ class TrainingPictures:
         self.shape = (unet_config.in_channels, unet_config.image_size, unet_config.image_size)
         self.num_classes = unet_config.num_classes
         self.writer = None
+        self.reference = None
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -64,6 +65,22 @@ class TrainingPictures:
                     "--tensorboard needs the tensorboard package: pip install 'inkwash[tensorboard]'"
                 ) from None
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def evaluate(self, ema: nn.Module, step: int) -> dict[str, float]:
+        """Score the EMA model against the reference data (``--eval-every``); the scores become log columns."""
+        from .denoiser import ModelDenoiser
+        from .evaluate import periodic_eval
+        from .reference import load_reference
+
+        config = self.config
+        if self.reference is None:
+            spec = config.eval_reference or config.data
+            if spec in ("mnist", "fashion-mnist", "cifar10"):
+                raise InkwashError(f"--eval-every: give --eval-reference (a folder or an .npz) for {spec}")
+            self.reference = load_reference(spec, self.shape)
+        metrics = [name.strip() for name in config.eval_metrics.split(",") if name.strip()]
+        denoiser = ModelDenoiser(ema, self.schedule, config.prediction)
+        return periodic_eval(denoiser, self.shape, self.reference, metrics, config.eval_samples, seed=config.seed)
 
     def log_scalars(self, step: int, loss: float, lr: float, extra: dict[str, float] | None = None) -> None:
         if self.writer is None:

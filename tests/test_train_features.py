@@ -1,0 +1,154 @@
+"""The trainer's options: learning-rate schedules, Min-SNR weighting, non-finite steps, bf16, class
+conditioning with label dropout, and what it writes while it runs."""
+
+import math
+
+import pytest
+import torch
+
+from inkwash.checkpoint import load_model
+from inkwash.data import ImageData, load_digits
+from inkwash.errors import InkwashError
+from inkwash.objectives import diffusion_loss, learning_rate, min_snr_weight
+from inkwash.pictures import read_log
+from inkwash.schedule import NoiseSchedule
+from inkwash.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(16)
+
+
+def tiny(out, **overrides) -> TrainConfig:
+    settings = dict(out=str(out), preset="tiny", steps=4, batch_size=8, checkpoint_every=1000, log_every=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_learning_rate_schedules():
+    kwargs = dict(peak=1.0, warmup_steps=10, total_steps=110)
+    assert learning_rate(0, schedule="constant", **kwargs) == pytest.approx(0.1)
+    assert learning_rate(9, schedule="cosine", **kwargs) == pytest.approx(1.0)
+    assert learning_rate(50, schedule="constant", **kwargs) == 1.0
+    assert learning_rate(10, schedule="cosine", **kwargs) == pytest.approx(1.0)
+    assert learning_rate(60, schedule="cosine", **kwargs) == pytest.approx(0.5)
+    assert learning_rate(110, schedule="cosine", **kwargs) == pytest.approx(0.0, abs=1e-12)
+    values = [learning_rate(s, schedule="cosine", **kwargs) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_min_snr_weights_put_every_target_on_the_same_x0_scale():
+    """Hang et al. 2023: the weighted loss in any parameterization is min(snr, gamma) times the x0 error."""
+    schedule = NoiseSchedule()
+    t = torch.tensor([10, 300, 999])
+    alpha_bar = schedule.alpha_bar[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    x0_error = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)  # denoised minus x0, per sample
+    # With x_t fixed, eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), so an x0 error e is an eps error of
+    # -sqrt(snr) e and a v error of -e / sqrt(1 - ab) (v = (sqrt(ab) x_t - x0) / sqrt(1 - ab)).
+    errors = {"x0": x0_error, "eps": -snr.sqrt() * x0_error, "v": -x0_error / (1 - alpha_bar).sqrt()}
+    for gamma in (0.5, 5.0):
+        expected = snr.clamp(max=gamma) * x0_error**2
+        for prediction, error in errors.items():
+            weighted = min_snr_weight(snr, gamma, prediction) * error**2
+            assert torch.allclose(weighted, expected, rtol=1e-10), (prediction, gamma)
+
+
+def test_min_snr_changes_the_loss_only_through_the_weights():
+    schedule = NoiseSchedule()
+    x0 = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    plain = diffusion_loss(zero, schedule, x0, torch.Generator().manual_seed(1))
+    huge_gamma = diffusion_loss(zero, schedule, x0, torch.Generator().manual_seed(1), min_snr_gamma=1e12)
+    weighted = diffusion_loss(zero, schedule, x0, torch.Generator().manual_seed(1), min_snr_gamma=5.0)
+    assert huge_gamma.item() == pytest.approx(plain.item(), rel=1e-6)  # weight min(snr, inf) / snr = 1
+    assert weighted.item() < plain.item()  # low-noise steps (snr > 5) are down-weighted
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, digits):
+    images = digits.images.clone()
+    images[::2] = float("nan")  # half the images poison any batch they are in
+    poisoned = ImageData(images, digits.labels, digits.class_names, "poisoned")
+    result = train(tiny(tmp_path / "some", steps=8, batch_size=1, max_nonfinite=8), data=poisoned, show_progress=False)
+    assert 0 < result.skipped_steps < 8
+    model, _, _ = load_model(tmp_path / "some", use_ema=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    log = read_log(tmp_path / "some" / "log.csv")
+    assert log["skipped"][-1] == result.skipped_steps
+
+    all_bad = ImageData(torch.full_like(images, float("nan")), None, None, "nan")
+    with pytest.raises(InkwashError, match="3 non-finite steps in a row"):
+        train(tiny(tmp_path / "all", steps=10, max_nonfinite=3), data=all_bad, show_progress=False)
+
+
+def test_a_bf16_training_step_is_finite_and_close_to_fp32(tmp_path, digits):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        result = train(tiny(out, steps=1, precision=precision, warmup_steps=0), data=digits, show_progress=False)
+        runs[precision] = (result.first_loss, load_model(out, use_ema=False)[0])
+    assert math.isfinite(runs["bf16"][0])
+    # Same seed, so the same batch, timesteps and noise: only the arithmetic differs.
+    assert runs["bf16"][0] == pytest.approx(runs["fp32"][0], rel=0.03)
+    for a, b in zip(runs["fp32"][1].parameters(), runs["bf16"][1].parameters(), strict=True):
+        assert torch.isfinite(b).all()
+        # One AdamW step moves each weight by about lr = 1e-3; bf16 may flip the sign of tiny gradients.
+        assert (a - b).abs().max().item() < 2.5e-3
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path, digits):
+    with pytest.raises(InkwashError, match="fp16 needs a GPU"):
+        train(tiny(tmp_path, device="cpu", precision="fp16"), data=digits, show_progress=False)
+
+
+def test_label_dropout_feeds_the_null_class_at_the_requested_rate(tmp_path, digits, monkeypatch):
+    import inkwash.train as trainer
+
+    seen = []
+    original = trainer.diffusion_loss
+
+    def spy(model, schedule, x0, generator, prediction, *, labels=None, min_snr_gamma=None):
+        seen.append(labels.clone())
+        return original(model, schedule, x0, generator, prediction, labels=labels, min_snr_gamma=min_snr_gamma)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", spy)
+    train(tiny(tmp_path, steps=20, batch_size=50, class_cond=True, cond_drop=0.3), data=digits, show_progress=False)
+    labels = torch.cat(seen)
+    null = (labels == 10).float().mean().item()
+    assert 0.24 < null < 0.36  # 1000 draws at p = 0.3: 4 standard deviations is 0.058
+    assert set(labels[labels != 10].tolist()) == set(range(10))
+
+
+def test_class_conditional_run_keeps_class_names_and_writes_grids(tmp_path, digits):
+    out = tmp_path / "run"
+    train(tiny(out, steps=2, class_cond=True, sample_every=2), data=digits, show_progress=False)
+    model, _, config = load_model(out)
+    assert model.config.num_classes == 10
+    assert config["data"]["class_names"] == [str(d) for d in range(10)]
+    from PIL import Image
+
+    grid = Image.open(out / "samples" / "step_00000002.png")
+    assert (out / "samples" / "latest.png").is_file()
+    assert grid.height > grid.width  # one row of 8 per class: 10 rows
+
+
+def test_class_cond_needs_labels(tmp_path, digits):
+    unlabeled = ImageData(digits.images, None, None, "folder")
+    with pytest.raises(InkwashError, match="--class-cond needs labelled data"):
+        train(tiny(tmp_path, class_cond=True), data=unlabeled, show_progress=False)
+
+
+def test_tensorboard_logs_scalars(tmp_path, digits):
+    pytest.importorskip("tensorboard")
+    train(tiny(tmp_path, steps=2, tensorboard=True), data=digits, show_progress=False)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_eval_every_logs_scores_and_plots_them(tmp_path, digits, feature_cache, monkeypatch):
+    monkeypatch.setenv("INKWASH_CACHE", str(feature_cache))
+    config = tiny(tmp_path, steps=2, eval_every=2, eval_metrics="swd", eval_samples=16, log_every=1)
+    train(config, data=digits, show_progress=False)
+    log = read_log(tmp_path / "log.csv")
+    assert math.isnan(log["swd"][0]) and log["swd"][1] > 0 and log["swd_floor"][1] > 0
+    assert (tmp_path / "loss.png").stat().st_size > 0
