@@ -1,20 +1,30 @@
-"""Training and sampling throughput of inkwash's UNet against a diffusers UNet2DModel.
+"""Training and sampling throughput of inkwash's UNet: against a diffusers UNet2DModel, and in bf16.
 
 Both networks have the same parameter count (within 10%), batch size and resolution. Each runs its
 own library's standard path (inkwash's trainer step and DDIM sampler; diffusers' training-example
 loop and DDIMScheduler) in the same process, interleaved round by round so that machine noise hits
-both alike.
-Prints images/s for each and the ratio inkwash / diffusers (> 1 means inkwash is faster).
+both alike. Prints images/s for each and the ratio inkwash / diffusers (> 1 means inkwash is faster).
+
+The same rounds time inkwash in bf16 mixed precision the way ``inkwash train --precision bf16`` runs:
+the loss under ``torch.autocast(device, dtype=torch.bfloat16)`` with fp32 weights, optimizer and
+gradient clipping (``train_extras.precision_context``); for sampling, each denoiser call (the network
+forward) under the same autocast. ``--compile`` adds both precisions with the network under
+``torch.compile``. Prints images/s for each variant and its ratio to fp32 (> 1 means faster than fp32).
+``--precision-only`` skips diffusers.
 
     python benchmarks/throughput.py [--preset digits] [--batch-size 64] [--rounds 5] [--json out.json]
+    python benchmarks/throughput.py --precision-only --rounds 3
+    python benchmarks/throughput.py --device cuda --compile --preset rgb32 --batch-size 128
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +34,10 @@ from inkwash.samplers import sample_ddim
 from inkwash.schedule import NoiseSchedule
 from inkwash.steps import build_sigmas
 from inkwash.train import diffusion_loss, make_optimizer
-from inkwash.unet import UNet, count_parameters, preset
+from inkwash.train_extras import precision_context
+from inkwash.unet import PRESETS, UNet, count_parameters, preset
+
+CPU = torch.device("cpu")
 
 
 def diffusers_twin(config):
@@ -52,14 +65,17 @@ def diffusers_twin(config):
     )
 
 
-def inkwash_train_step(model, batch_size, shape, schedule):
-    """One step of inkwash's own trainer: diffusion_loss, its optimizer, gradient clipping."""
+def inkwash_train_step(model, batch_size, shape, schedule, precision="fp32", device=CPU):
+    """One step of inkwash's own trainer: diffusion_loss under its precision context, its optimizer,
+    gradient clipping (train.py's ``_accumulate`` and step, without the EMA and the logging)."""
     optimizer = make_optimizer(model, lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    x0 = torch.rand(batch_size, *shape, generator=generator) * 2 - 1
+    generator = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(batch_size, *shape, generator=generator, device=device) * 2 - 1  # (B, C, H, W)
 
     def step():
-        loss = diffusion_loss(model, schedule, x0, generator)
+        model.train()
+        with precision_context(precision, device):
+            loss = diffusion_loss(model, schedule, x0, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -68,18 +84,19 @@ def inkwash_train_step(model, batch_size, shape, schedule):
     return step
 
 
-def diffusers_train_step(model, batch_size, shape):
+def diffusers_train_step(model, batch_size, shape, device=CPU):
     """The loop of diffusers' train_unconditional example: DDPMScheduler.add_noise, AdamW, clipping."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    x0 = torch.rand(batch_size, *shape, generator=generator) * 2 - 1
+    generator = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(batch_size, *shape, generator=generator, device=device) * 2 - 1
 
     def step():
-        t = torch.randint(0, 1000, (batch_size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        model.train()
+        t = torch.randint(0, 1000, (batch_size,), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
         loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,101 +106,173 @@ def diffusers_train_step(model, batch_size, shape):
     return step
 
 
-def inkwash_sampler(model, schedule, batch_size, shape, steps):
-    denoiser = ModelDenoiser(model.eval(), schedule)
+def inkwash_sampler(model, schedule, batch_size, shape, steps, precision="fp32", device=CPU):
+    """DDIM with every denoiser call (the network forward) under the precision context."""
+    denoiser = ModelDenoiser(model, schedule)
     sigmas = build_sigmas(schedule, steps, "leading")
 
+    def mixed_precision_denoiser(x, sigma, cond=None):
+        with precision_context(precision, device):
+            return denoiser(x, sigma, cond)
+
     def run():
-        x = torch.randn(batch_size, *shape) * (1 + sigmas[0].item() ** 2) ** 0.5
-        sample_ddim(denoiser, x, sigmas)
+        model.eval()
+        x = torch.randn(batch_size, *shape, device=device) * (1 + sigmas[0].item() ** 2) ** 0.5
+        sample_ddim(mixed_precision_denoiser, x, sigmas)
 
     return run
 
 
-def diffusers_sampler(model, batch_size, shape, steps):
+def diffusers_sampler(model, batch_size, shape, steps, device=CPU):
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    model.eval()
 
     @torch.no_grad()
     def run():
-        scheduler.set_timesteps(steps)
-        x = torch.randn(batch_size, *shape)
+        model.eval()
+        scheduler.set_timesteps(steps, device=device)
+        x = torch.randn(batch_size, *shape, device=device)
         for t in scheduler.timesteps:
             x = scheduler.step(model(x, t).sample, t, x).prev_sample
 
     return run
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn: Callable[[], None], repeats: int, device: torch.device = CPU) -> float:
+    """Seconds per call; on a GPU, waits for the queued kernels before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 
-def main() -> None:
+def precision_variants(compile_too: bool) -> list[tuple[str, str, bool]]:
+    """(name, precision, compiled) for each inkwash variant; the first is the fp32 baseline."""
+    variants = [("fp32", "fp32", False), ("bf16", "bf16", False)]
+    if compile_too:
+        variants += [("fp32 compiled", "fp32", True), ("bf16 compiled", "bf16", True)]
+    return variants
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--preset", default="digits", choices=list(PRESETS))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per sampling run")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--precision-only", action="store_true", help="only inkwash fp32 against bf16; no diffusers")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true", help="also time the network under torch.compile")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if min(args.batch_size, args.train_steps, args.sample_steps, args.rounds) < 1:
+        parser.error("--batch-size, --train-steps, --sample-steps and --rounds must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but PyTorch sees no GPU")
+    if args.device == "cuda" and not torch.cuda.is_bf16_supported():
+        parser.error("--device cuda: this GPU has no bf16 support")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     config = preset(args.preset)
     ours = UNet(config)
-    theirs = diffusers_twin(config)
-    n_ours, n_theirs = count_parameters(ours), count_parameters(theirs)
-    if abs(n_ours / n_theirs - 1) > 0.10:
-        raise SystemExit(f"parameter counts differ by more than 10%: {n_ours} vs {n_theirs}")
+    n_ours = count_parameters(ours)
     schedule = NoiseSchedule()
     shape = (config.in_channels, config.image_size, config.image_size)
     b = args.batch_size
 
-    train_ours = inkwash_train_step(ours, b, shape, schedule)
-    train_theirs = diffusers_train_step(theirs, b, shape)
-    sample_ours = inkwash_sampler(ours, schedule, b, shape, args.sample_steps)
-    sample_theirs = diffusers_sampler(theirs, b, shape, args.sample_steps)
+    # Every task gets its own copy of the same initial weights (and its own optimizer), so no variant
+    # trains or samples another's network. Tasks run in this order within every round.
+    tasks: dict[tuple[str, str], tuple[Callable[[], None], int]] = {}
+    for name, precision, compiled in precision_variants(args.compile):
+        train_model, sample_model = (copy.deepcopy(ours).to(device) for _ in range(2))
+        if compiled:
+            train_model, sample_model = torch.compile(train_model), torch.compile(sample_model)
+        tasks["train", name] = (
+            inkwash_train_step(train_model, b, shape, schedule, precision, device),
+            args.train_steps,
+        )
+        tasks["sample", name] = (
+            inkwash_sampler(sample_model, schedule, b, shape, args.sample_steps, precision, device),
+            1,
+        )
+    n_theirs = None
+    if not args.precision_only:
+        theirs = diffusers_twin(config)
+        n_theirs = count_parameters(theirs)
+        if abs(n_ours / n_theirs - 1) > 0.10:
+            raise SystemExit(f"parameter counts differ by more than 10%: {n_ours} vs {n_theirs}")
+        sample_theirs = copy.deepcopy(theirs).to(device)
+        tasks["train", "diffusers"] = (diffusers_train_step(theirs.to(device), b, shape, device), args.train_steps)
+        tasks["sample", "diffusers"] = (diffusers_sampler(sample_theirs, b, shape, args.sample_steps, device), 1)
 
-    for fn in (train_ours, train_theirs):  # warm-up
+    for fn, _ in tasks.values():  # warm-up (and compilation)
         fn()
-    ours.train()
-    theirs.train()
-    times = {"train_ours": [], "train_theirs": [], "sample_ours": [], "sample_theirs": []}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in tasks}
     for _ in range(args.rounds):
-        ours.train()
-        theirs.train()
-        times["train_ours"].append(timed(train_ours, args.train_steps))
-        times["train_theirs"].append(timed(train_theirs, args.train_steps))
-        times["sample_ours"].append(timed(sample_ours, 1))
-        times["sample_theirs"].append(timed(sample_theirs, 1))
-    median = {k: statistics.median(v) for k, v in times.items()}
-    result = {
+        for key, (fn, repeats) in tasks.items():
+            times[key].append(timed(fn, repeats, device))
+    rate = {key: b / statistics.median(values) for key, values in times.items()}
+
+    threads = torch.get_num_threads()
+    result: dict = {
         "preset": args.preset,
         "batch_size": b,
-        "threads": torch.get_num_threads(),
-        "parameters": {"inkwash": n_ours, "diffusers": n_theirs},
-        "train_images_per_sec": {"inkwash": b / median["train_ours"], "diffusers": b / median["train_theirs"]},
-        "sample_images_per_sec": {
-            "inkwash": b / median["sample_ours"],
-            "diffusers": b / median["sample_theirs"],
-        },
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": threads,
+        "rounds": args.rounds,
+        "sample_steps": args.sample_steps,
     }
-    result["train_ratio"] = result["train_images_per_sec"]["inkwash"] / result["train_images_per_sec"]["diffusers"]
-    result["sample_ratio"] = result["sample_images_per_sec"]["inkwash"] / result["sample_images_per_sec"]["diffusers"]
-    print(
-        f"preset {args.preset}, batch {b}, {torch.get_num_threads()} threads; "
-        f"parameters inkwash {n_ours:,} / diffusers {n_theirs:,}"
-    )
-    print(f"{'':10s} {'inkwash':>12s} {'diffusers':>12s} {'ratio':>7s}")
-    for kind in ("train", "sample"):
-        rates = result[f"{kind}_images_per_sec"]
-        unit = "img/s" if kind == "train" else f"img/s ({args.sample_steps}-step DDIM)"
-        print(f"{kind:10s} {rates['inkwash']:12.1f} {rates['diffusers']:12.1f} {result[kind + '_ratio']:7.2f}  {unit}")
+    where = result["device"] if device.type == "cuda" else f"cpu, {threads} threads"
+    print(f"preset {args.preset}, batch {b}, {where}, {args.rounds} interleaved rounds (medians)")
+    if n_theirs is not None:
+        result["parameters"] = {"inkwash": n_ours, "diffusers": n_theirs}
+        result["train_images_per_sec"] = {"inkwash": rate["train", "fp32"], "diffusers": rate["train", "diffusers"]}
+        result["sample_images_per_sec"] = {"inkwash": rate["sample", "fp32"], "diffusers": rate["sample", "diffusers"]}
+        for kind in ("train", "sample"):
+            rates = result[f"{kind}_images_per_sec"]
+            result[f"{kind}_ratio"] = rates["inkwash"] / rates["diffusers"]
+        print(f"parameters inkwash {n_ours:,} / diffusers {n_theirs:,}; both fp32")
+        print(f"{'':10s} {'inkwash':>12s} {'diffusers':>12s} {'ratio':>7s}")
+        for kind in ("train", "sample"):
+            rates = result[f"{kind}_images_per_sec"]
+            unit = "img/s" if kind == "train" else f"img/s ({args.sample_steps}-step DDIM)"
+            print(
+                f"{kind:10s} {rates['inkwash']:12.1f} {rates['diffusers']:12.1f} {result[kind + '_ratio']:7.2f}  {unit}"
+            )
+        print()
+
+    result["precision"] = {}
+    print(f"inkwash ({n_ours:,} parameters); img/s, and the ratio to fp32 (> 1 is faster)")
+    print(f"{'':14s} {'train':>9s} {'vs fp32':>8s} {'sample':>9s} {'vs fp32':>8s}")
+    for name, _, _ in precision_variants(args.compile):
+        entry = {
+            "train_images_per_sec": rate["train", name],
+            "sample_images_per_sec": rate["sample", name],
+            "train_vs_fp32": rate["train", name] / rate["train", "fp32"],
+            "sample_vs_fp32": rate["sample", name] / rate["sample", "fp32"],
+        }
+        result["precision"][name] = entry
+        print(
+            f"{name:14s} {entry['train_images_per_sec']:9.1f} {entry['train_vs_fp32']:8.2f} "
+            f"{entry['sample_images_per_sec']:9.1f} {entry['sample_vs_fp32']:8.2f}"
+        )
+    print(f"(sample: {args.sample_steps}-step DDIM; train: {args.train_steps} steps per round)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)

@@ -1,6 +1,7 @@
 """The trainer's options: learning-rate schedules, Min-SNR weighting, non-finite steps, bf16, class
 conditioning with label dropout, and what it writes while it runs."""
 
+import itertools
 import math
 
 import pytest
@@ -35,7 +36,7 @@ def test_learning_rate_schedules():
     assert learning_rate(60, schedule="cosine", **kwargs) == pytest.approx(0.5)
     assert learning_rate(110, schedule="cosine", **kwargs) == pytest.approx(0.0, abs=1e-12)
     values = [learning_rate(s, schedule="cosine", **kwargs) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_min_snr_weights_put_every_target_on_the_same_x0_scale():
