@@ -153,3 +153,29 @@ def test_eval_every_logs_scores_and_plots_them(tmp_path, digits, feature_cache, 
     log = read_log(tmp_path / "log.csv")
     assert math.isnan(log["swd"][0]) and log["swd"][1] > 0 and log["swd_floor"][1] > 0
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path, digits):
+    losses = {}
+    for name, channels_last in (("default", False), ("channels_last", True)):
+        result = train(tiny(tmp_path / name, steps=2, channels_last=channels_last), data=digits, show_progress=False)
+        losses[name] = result.final_loss
+    assert losses["channels_last"] == pytest.approx(losses["default"], rel=1e-3)
+
+
+def test_grad_accum_draws_micro_batches_per_optimizer_step(tmp_path, digits, monkeypatch):
+    """--grad-accum 2 with --batch-size 4: two micro-batches of 4 per optimizer step, and the logged
+    images/s counts all eight."""
+    import inkwash.train as trainer
+
+    draws = []
+    original = trainer.diffusion_loss
+
+    def record(model, schedule, x0, generator, prediction, **kwargs):
+        draws.append(x0.shape[0])
+        return original(model, schedule, x0, generator, prediction, **kwargs)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", record)
+    result = train(tiny(tmp_path, steps=3, batch_size=4, grad_accum=2), data=digits, show_progress=False)
+    assert draws == [4] * 6 and result.steps == 3
+    assert result.images_per_sec == pytest.approx(3 * 8 / result.seconds, rel=1e-6)
