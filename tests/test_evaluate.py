@@ -119,7 +119,8 @@ GOOD = ["--samples", "good.npz", "--reference", "digits"]
         ([*GOOD, "--checkpoint", "run"], 2, "not allowed with"),
         (["--reference", "digits"], 2, "one of the arguments --samples --checkpoint is required"),
         ([*GOOD, "--metrics", "nll"], 1, "needs a model"),
-        ([*GOOD, "--features", "inception"], 1, "not available"),
+        ([*GOOD, "--features", "inception"], 1, "Inception weights not found"),
+        ([*GOOD, "--features", "inception", "--inception-weights", "no.safetensors"], 1, "not found: no.safetensors"),
         (["--samples", "good.npz", "--reference", "nowhere"], 1, "--reference must be"),
         (["--samples", "good.npz", "--reference", "ref8.npz"], 1, "reference images"),
         (["--samples", "missing.npz", "--reference", "digits"], 1, "not found"),
@@ -129,6 +130,7 @@ GOOD = ["--samples", "good.npz", "--reference", "digits"]
 )
 def test_eval_bad_options_are_one_line_errors(args, status, fragment, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("INKWASH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("INKWASH_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.chdir(tmp_path)
     write_npz("good.npz", noised_digits(10, 0.1))
     np.savez("floats.npz", samples=np.zeros((4, 16, 16, 1), np.float32))

@@ -427,6 +427,12 @@ def build_parser() -> Parser:
         help="feature network for fid/kid/pr (default: digits for the digits reference, random otherwise)",
     )
     evaluate.add_argument(
+        "--inception-weights",
+        default=None,
+        help="safetensors weights of --features inception, converted from pytorch-fid's .pth "
+        "(default: $INKWASH_INCEPTION_WEIGHTS, else pt_inception-2015-12-05.safetensors in the cache directory)",
+    )
+    evaluate.add_argument(
         "--num-samples", type=_positive_int, default=None, help="(default: all of --samples; 1000 from --checkpoint)"
     )
     evaluate.add_argument("--json", default=None, help="also write the report as JSON")
@@ -639,6 +645,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         num_samples=args.num_samples,
         metrics=tuple(args.metrics),
         features=args.features,
+        inception_weights=args.inception_weights,
         sampler=args.sampler,
         steps=args.steps,
         schedule=args.schedule,

@@ -48,6 +48,7 @@ class MetricSettings:
 
     metrics: tuple[str, ...] = DEFAULT_METRICS
     features: str | None = None  # None: default_features(reference)
+    inception_weights: str | None = None  # None: inception.weights_path()
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     pr_k: int = 3
@@ -94,7 +95,10 @@ def score_images(
     scores: dict[str, float] = {}
     if any(m in metrics for m in FEATURE_METRICS):
         extractor = get_extractor(
-            settings.features or default_features(reference.name), settings.cache, show_progress=show_progress
+            settings.features or default_features(reference.name),
+            settings.cache,
+            show_progress=show_progress,
+            inception_weights=settings.inception_weights,
         )
         train, test = reference_features(reference, extractor.identity, extractor, settings.cache)
         pairs = {"": extractor(images), "_floor": train[floor_rows]}
@@ -212,6 +216,7 @@ class EvalOptions:
     num_samples: int | None = None  # None: every image of --samples, or 1000 from a checkpoint
     metrics: tuple[str, ...] = DEFAULT_METRICS
     features: str | None = None
+    inception_weights: str | None = None
     sampler: str = "ddim"
     steps: int | None = None
     schedule: str = "trailing"
@@ -269,7 +274,11 @@ def run_eval(options: EvalOptions) -> EvalReport:
     """``inkwash eval``: load or draw the samples, score them, write JSON if asked."""
     started = time.perf_counter()
     settings = MetricSettings(
-        metrics=tuple(options.metrics), features=options.features, seed=options.seed, nll_terms=options.nll_terms
+        metrics=tuple(options.metrics),
+        features=options.features,
+        inception_weights=options.inception_weights,
+        seed=options.seed,
+        nll_terms=options.nll_terms,
     )
     settings.validate()
     if (options.samples is None) == (options.checkpoint is None):

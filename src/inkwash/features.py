@@ -9,9 +9,9 @@
   al. 2020, "Reliable fidelity and diversity metrics for generative models"; Lee et al. 2022,
   "Demystifying randomly initialized networks for evaluating generative models"); its scores are only
   comparable with themselves.
-* ``inception``: the Inception-v3 pool features of pytorch-fid / torch-fidelity, for comparison with
-  papers, is not available: inkwash has no Inception-v3 network of its own (torchvision is not used)
-  and downloads no weights.
+* ``inception``: the 2048-d pool3 features of the FID Inception-v3 (``inception.py``, pytorch-fid's
+  network and preprocessing), for comparison with papers. inkwash downloads nothing: the weights are
+  read from a local safetensors file converted once from pytorch-fid's .pth (see ``inception.py``).
 
 Each extractor has an ``identity`` (its name and a hash of its weights) that keys the reference cache.
 """
@@ -37,12 +37,8 @@ from .reference import cache_dir, split_indices
 FEATURES = {
     "digits": "penultimate layer of a CNN classifier trained on the digits' train half (1x16x16 input)",
     "random": "a fixed-seed random-weight CNN, for any images (scores comparable only with themselves)",
-    "inception": "Inception-v3 pool features (pytorch-fid): not available in this version",
+    "inception": "FID Inception-v3 pool3 features (pytorch-fid's network; needs its weights, converted)",
 }
-INCEPTION_UNAVAILABLE = (
-    "the 'inception' features are not available: inkwash has no Inception-v3 network (it does not use "
-    "torchvision) and downloads no weights; use --features digits (for digits) or random (any images)"
-)
 CLASSIFIER_VERSION = 1  # bump when the recipe below changes; old cached weights are then ignored
 CLASSIFIER_RECIPE = {"width": 16, "features": 128, "epochs": 2, "batch_size": 64, "lr": 2e-3, "seed": 0}
 
@@ -218,8 +214,14 @@ def digits_classifier(
     return model, record
 
 
-def get_extractor(name: str, directory: str | Path | None = None, show_progress: bool = False) -> FeatureExtractor:
-    """The named feature extractor (see FEATURES); ``directory`` overrides the cache directory."""
+def get_extractor(
+    name: str,
+    directory: str | Path | None = None,
+    show_progress: bool = False,
+    inception_weights: str | Path | None = None,
+) -> FeatureExtractor:
+    """The named feature extractor (see FEATURES); ``directory`` overrides the cache directory and
+    ``inception_weights`` the safetensors file of ``inception`` (see ``inception.weights_path``)."""
     if name == "digits":
         model, record = digits_classifier(directory, show_progress)
         return FeatureExtractor("digits", f"digits-classifier:{record['weights_sha256']}", model, input_size=16)
@@ -227,7 +229,13 @@ def get_extractor(name: str, directory: str | Path | None = None, show_progress:
         network = RandomFeatures()
         return FeatureExtractor("random", f"random-conv:{weights_hash(network)}", network)
     if name == "inception":
-        raise InkwashError(INCEPTION_UNAVAILABLE)
+        from .inception import load_inception
+
+        network = load_inception(inception_weights)
+        identity = f"inception-fid:{weights_hash(network)}"
+        if torch.cuda.is_available():
+            network = network.cuda()  # features() moves each batch to the network and back
+        return FeatureExtractor("inception", identity, network, batch_size=100)
     raise InkwashError(f"unknown features {name!r}; choose from {', '.join(FEATURES)}")
 
 
