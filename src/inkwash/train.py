@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from .resume import (
     write_training_checkpoint,
 )
 from .schedule import BETA_SCHEDULES, NoiseSchedule, ScheduleConfig
-from .train_extras import TrainingPictures, make_scaler, precision_context
+from .train_extras import TrainingPictures, make_scaler, precision_context, precision_warning
 from .unet import PRESETS, UNet, UNetConfig, count_parameters, preset
 
 __all__ = ["EpochSampler", "TrainConfig", "TrainResult", "diffusion_loss", "make_optimizer", "train"]
@@ -258,6 +259,9 @@ def _train(
     device = world.device
     if config.precision == "fp16" and device.type != "cuda":
         raise InkwashError("--precision fp16 needs a GPU (its loss scaling is a CUDA feature); use bf16 on a CPU")
+    warning = precision_warning(config.precision, device)
+    if warning and world.is_main:
+        print(warning, file=sys.stderr)
     if data is None:
         probe = preset(config.preset) if config.preset in PRESETS else None
         size = config.image_size or (probe.image_size if probe else 16)

@@ -33,6 +33,16 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def precision_warning(precision: str, device: torch.device) -> str | None:
+    """bf16 on a CPU without bf16 kernels (no AVX-512 BF16 / AMX) falls back to slow convolutions."""
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return (
+            "warning: this CPU has no bf16 convolution kernels (no AVX-512 BF16 or AMX); "
+            "--precision bf16 will be many times slower than fp32 here"
+        )
+    return None
+
+
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without loss scaling (Micikevicius et al. 2018); bf16 has fp32's range."""
     if precision != "fp16":
