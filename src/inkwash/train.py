@@ -339,6 +339,7 @@ def _train(
     start = time.perf_counter()
     start_step = step
     interval_start, interval_step, interval_losses = start, step, []
+    log_written = start
     first_loss = final_loss = float("nan")
     total_steps = config.steps
     interrupted: str | None = None
@@ -423,11 +424,15 @@ def _train(
                     pictures.log_scalars(step, final_loss, lr, scores)
                 bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{images_per_sec:.0f}")
                 interval_start, interval_step, interval_losses = now, step, []
+                if world.is_main and now - log_written > 30:  # keep log.csv fresh for people watching it
+                    write_log(run_dir / LOG_FILE, log_rows)
+                    log_written = now
             bar.update(1)
             if step % config.checkpoint_every == 0 or last:
                 state = _capture_state(step, world, data_rng, noise_rng, batches, counters, scaler)
                 if world.is_main:
                     write_log(run_dir / LOG_FILE, log_rows)
+                    log_written = time.perf_counter()
                     last_checkpoint = write_training_checkpoint(
                         run_dir,
                         run_config(config, unet_config, schedule, data, step),
