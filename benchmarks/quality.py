@@ -119,7 +119,13 @@ def main() -> None:
     ours, ours_seconds = train_inkwash(args, data, steps)
     theirs, theirs_seconds = train_diffusers(args, data, steps)
     ours_images = sample_images(
-        ours.eval(), shape, args.num_samples, steps=args.sample_steps, seed=args.seed, show_progress=not args.quiet
+        ours.eval(),
+        shape,
+        args.num_samples,
+        steps=args.sample_steps,
+        schedule="trailing",  # the same timesteps as the baseline's DDIMScheduler
+        seed=args.seed,
+        show_progress=not args.quiet,
     )
     theirs_images = sample_diffusers(theirs, shape, args.num_samples, args.sample_steps, args.seed)
 

@@ -438,7 +438,7 @@ def build_parser() -> Parser:
     evaluate.add_argument("--json", default=None, help="also write the report as JSON")
     evaluate.add_argument("--sampler", type=_sampler_name, default="ddim", help="(default: %(default)s)")
     evaluate.add_argument("--steps", type=_positive_int, default=None, help="(default: 1000 for ddpm, else 50)")
-    evaluate.add_argument("--schedule", default="trailing", choices=list(STEP_SCHEDULES), help="(default: %(default)s)")
+    evaluate.add_argument("--schedule", default=None, choices=list(STEP_SCHEDULES), help="(default: the sampler's own)")
     evaluate.add_argument("--eta", type=_nonneg_float, default=None, help="(default: the sampler's)")
     evaluate.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=250, help="(default: %(default)s)")

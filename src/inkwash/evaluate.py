@@ -141,7 +141,7 @@ def sample_images(
     *,
     sampler: str = "ddim",
     steps: int | None = None,
-    schedule: str = "trailing",
+    schedule: str | None = None,  # None: the sampler's default_schedule, as inkwash sample
     eta: float | None = None,
     seed: int = 0,
     batch_size: int = 250,
@@ -153,7 +153,7 @@ def sample_images(
     steps = steps or DEFAULT_STEPS.get(info.id, 50)
     if steps > denoiser.schedule.num_steps:
         raise InkwashError(f"--steps must be at most {denoiser.schedule.num_steps}, got {steps}")
-    sigmas = build_sigmas(denoiser.schedule, steps, schedule)
+    sigmas = build_sigmas(denoiser.schedule, steps, schedule or info.default_schedule)
     result = generate(
         ClampedDenoiser(denoiser) if clip_denoised else denoiser,
         tuple(image_shape),
@@ -219,7 +219,7 @@ class EvalOptions:
     inception_weights: str | None = None
     sampler: str = "ddim"
     steps: int | None = None
-    schedule: str = "trailing"
+    schedule: str | None = None  # None: the sampler's own
     eta: float | None = None
     seed: int = 0
     batch_size: int = 250
