@@ -29,7 +29,6 @@ from .checkpoint import (
     load_optimizer_state,
     load_tensors,
     load_weights,
-    read_config,
     save_checkpoint,
     save_tensors,
     step_dirs,
@@ -198,10 +197,10 @@ def check_compatible(saved: dict, wanted: dict, path: Path) -> None:
 
 def load_training_checkpoint(
     path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict, TrainingState]:
-    """Load weights, EMA and optimizer in place; return the saved config and training state."""
-    config = read_config(path)
+) -> TrainingState:
+    """Load weights, EMA and optimizer in place (check the config with ``check_compatible`` first);
+    return the training state."""
     load_weights(model, path / MODEL_FILE)
     load_weights(ema, path / EMA_FILE)
     load_optimizer_state(optimizer, path / OPTIMIZER_FILE)
-    return config, load_state(path / STATE_FILE)
+    return load_state(path / STATE_FILE)

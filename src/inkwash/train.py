@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, read_config
 from .data import ImageData, load_data, random_flip
 from .denoiser import PREDICTIONS
 from .distributed import World, barrier, close_world, gather_bytes, init_world
@@ -310,14 +310,14 @@ def _train(
         print(f"no checkpoint in {run_dir} yet; starting from step 0")
     log_rows: list[dict] = []
     if resume_from is not None:
-        saved = _read_saved_config(resume_from)
+        saved = read_config(resume_from)
         check_compatible(saved, wanted, resume_from)
         if saved.get("data", {}).get("num_images") != len(data):
             raise InkwashError(
                 f"cannot resume from {resume_from}: it was trained on {saved.get('data', {}).get('num_images')} "
                 f"images, this run has {len(data)}"
             )
-        _, state = load_training_checkpoint(resume_from, model, ema, optimizer)
+        state = load_training_checkpoint(resume_from, model, ema, optimizer)
         step = state.step
         _restore_state(state, world, data_rng, noise_rng, batches, scaler)
         counters.update(state.counters)
@@ -569,12 +569,6 @@ def _restore_state(
         print(f"note: checkpoint from {state.world_size} process(es), now {world.size}; noise streams restart")
     if scaler is not None and state.scaler:
         scaler.load_state_dict(state.scaler)
-
-
-def _read_saved_config(path: Path) -> dict:
-    from .checkpoint import read_config
-
-    return read_config(path)
 
 
 def _read_log(path: Path) -> list[dict]:
