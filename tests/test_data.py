@@ -240,7 +240,7 @@ def test_cache_hit_skips_decoding_and_repeats_the_warning(tmp_path, isolated_cac
     _write_folder(tmp_path)
     first = load_folder(tmp_path, 3, 8, show_progress=False)
     first_err = capsys.readouterr().err
-    assert len(list(isolated_cache.glob("*.npz"))) == 1  # INKWASH_CACHE is the default directory
+    assert len(list((isolated_cache / "datasets").glob("*.npz"))) == 1  # under $INKWASH_CACHE by default
     monkeypatch.setattr(inkwash.data, "_decode", _no_decoding)
     second = load_folder(tmp_path, 3, 8, show_progress=False)
     assert torch.equal(first.images, second.images)
@@ -275,14 +275,14 @@ def test_stale_cache_is_never_used(tmp_path, monkeypatch):
 def test_torn_cache_file_is_a_miss_and_cache_false_writes_nothing(tmp_path, isolated_cache):
     Image.new("L", (8, 8), 33).save(tmp_path / "a.png")
     load_folder(tmp_path, 1, 8, show_progress=False)
-    (entry,) = isolated_cache.glob("*.npz")
+    (entry,) = (isolated_cache / "datasets").glob("*.npz")
     entry.write_bytes(entry.read_bytes()[:100])
     assert to_uint8(load_folder(tmp_path, 1, 8, show_progress=False).images).max() == 33
     with np.load(entry, allow_pickle=False) as archive:  # rewritten whole, and readable without pickle
         assert archive["pixels"].shape == (1, 8, 8, 1)
     entry.unlink()
     load_folder(tmp_path, 1, 8, show_progress=False, cache=False)
-    assert not list(isolated_cache.glob("*.npz"))
+    assert not list((isolated_cache / "datasets").glob("*.npz"))
 
 
 # --- random flips --------------------------------------------------------------------------------

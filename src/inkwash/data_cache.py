@@ -28,9 +28,14 @@ CACHE_VERSION = 1
 CACHE_ENV = "INKWASH_CACHE"
 
 
+def cache_root() -> Path:
+    """The root of every inkwash cache: ``$INKWASH_CACHE`` when set, else ``~/.cache/inkwash``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "inkwash")
+
+
 def default_cache_dir() -> Path:
-    """``$INKWASH_CACHE`` when set, else ``~/.cache/inkwash/datasets``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "inkwash" / "datasets")
+    """Decoded folders live in ``datasets/`` under the cache root."""
+    return cache_root() / "datasets"
 
 
 def _sha256(value: object) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import zipfile
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .data import load_data, to_unit_range
+from .data_cache import cache_root
 from .errors import InkwashError
 
 SPLIT_SEED = 0
@@ -41,7 +41,7 @@ NPZ_IMAGE_KEYS = ("samples", "images")
 def cache_dir() -> Path:
     """Where inkwash keeps trained feature networks and reference features: $INKWASH_CACHE, else
     ~/.cache/inkwash."""
-    return Path(os.environ.get("INKWASH_CACHE") or Path.home() / ".cache" / "inkwash")
+    return cache_root()
 
 
 def split_indices(
