@@ -114,7 +114,7 @@ def main() -> None:
 
     config = preset(args.preset)
     shape = (config.in_channels, config.image_size, config.image_size)
-    data = load_digits(config.image_size)
+    data = load_digits(config.image_size, "train")  # the test half is the reference
     steps = max(1, args.images // args.batch_size)
     ours, ours_seconds = train_inkwash(args, data, steps)
     theirs, theirs_seconds = train_diffusers(args, data, steps)

@@ -35,6 +35,24 @@ def test_digits_are_the_uci_set():
     assert load_digits(8).shape == (1, 8, 8)
 
 
+def test_training_on_digits_holds_out_the_evaluation_test_half(tmp_path):
+    from inkwash.reference import load_reference
+
+    every = load_digits(16)
+    train, test = load_data("digits", 1, 16), load_data("digits", 1, 16, split="test")
+    assert (len(train), len(test)) == (901, 896)
+    reference = load_reference("digits", (1, 16, 16))
+    assert torch.equal(train.images, reference.train) and torch.equal(test.images, reference.test)
+    # disjoint halves that together are the whole set, with the class proportions kept
+    rows = {tuple(image.flatten().tolist()) for image in every.images}
+    assert len({tuple(im.flatten().tolist()) for im in torch.cat([train.images, test.images])}) == len(rows)
+    assert (train.labels.bincount() - test.labels.bincount()).abs().max() <= 1
+    with pytest.raises(InkwashError, match="digits split"):
+        load_digits(16, "validation")
+    with pytest.raises(InkwashError, match="a test split exists only for digits"):
+        load_data(str(tmp_path), 1, 16, split="test")
+
+
 def _write_folder(root):
     (root / "sub" / "deeper").mkdir(parents=True)
     Image.new("RGB", (40, 20), (255, 0, 0)).save(root / "wide.png")

@@ -22,6 +22,8 @@ from .errors import InkwashError
 from .progress import progress
 
 RESIZE_MODES = ("crop", "resize")
+DIGITS_SPLITS = ("all", "train", "test")
+SPLIT_SEED = 0  # the fixed seed of every train / test halving (digits, and evaluation references)
 # Images whose shorter side is under this (or under image_size, if smaller) are skipped as "too small":
 # they are icons, spacers and tracking pixels, and upscaling them would only add blur to the data.
 MIN_IMAGE_SIDE = 8
@@ -66,19 +68,51 @@ def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(flip, batch.flip(-1), batch)
 
 
-def load_digits(image_size: int = 16) -> ImageData:
-    """The 1,797 8x8 UCI handwritten digits bundled with scikit-learn, upsampled bilinearly."""
+def split_indices(
+    num: int, labels: torch.Tensor | None = None, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-seed half/half split of ``num`` items, (train, test) sorted index arrays.
+
+    With labels, each class is split on its own, so both halves keep the class proportions.
+    """
+    if num < 2:
+        raise InkwashError(f"a reference needs at least 2 images to split in two, got {num}")
+    generator = np.random.default_rng(seed)
+    groups = [np.arange(num)] if labels is None else [np.flatnonzero(labels.numpy() == c) for c in labels.unique()]
+    train, test = [], []
+    for group in groups:
+        order = generator.permutation(group)
+        cut = (len(order) + 1) // 2
+        train.append(order[:cut])
+        test.append(order[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_digits(image_size: int = 16, split: str = "all") -> ImageData:
+    """The 1,797 8x8 UCI handwritten digits bundled with scikit-learn, upsampled bilinearly.
+
+    ``split``: ``all``, or the ``train`` (901 images) or ``test`` (896) half of the fixed class-stratified split
+    that evaluation uses (``inkwash.reference``). Training on ``--data digits`` takes the train half, so
+    the test half stays held out for FID and bits/dim.
+    """
+    if split not in DIGITS_SPLITS:
+        raise InkwashError(f"digits split must be one of {', '.join(DIGITS_SPLITS)}, got {split!r}")
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
     raw = (bunch.images / 16.0 * 255.0).round().astype(np.uint8)  # (N, 8, 8), ink is bright
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    if split != "all":
+        halves = split_indices(len(labels), labels)
+        keep = halves[0] if split == "train" else halves[1]
+        raw, labels = raw[keep], labels[torch.from_numpy(keep)]
     if image_size != 8:
         raw = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in raw])
     return ImageData(
         images=to_unit_range(raw[..., None]),
-        labels=torch.from_numpy(bunch.target.astype(np.int64)),
+        labels=labels,
         class_names=[str(d) for d in range(10)],
-        source="digits",
+        source="digits" if split == "all" else f"digits ({split} half)",
     )
 
 
@@ -308,13 +342,13 @@ def load_data(
             class_names=class_names,
             source=spec,
         )
-    if split != "train":
-        raise InkwashError(f"a test split exists only for {', '.join(STANDARD_DATASETS)}, not for {spec!r}")
     if spec == "digits":
-        data = load_digits(image_size)
+        data = load_digits(image_size, split)
         if channels != 1:
             data.images = data.images.expand(-1, channels, -1, -1).contiguous()
         return data
+    if split != "train":
+        raise InkwashError(f"a test split exists only for digits, {', '.join(STANDARD_DATASETS)}, not for {spec!r}")
     return load_folder(
         spec,
         channels,

@@ -31,8 +31,9 @@ from safetensors.torch import save
 from torch import nn
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors
+from .data import split_indices
 from .errors import InkwashError
-from .reference import cache_dir, split_indices
+from .reference import cache_dir
 
 FEATURES = {
     "digits": "penultimate layer of a CNN classifier trained on the digits' train half (1x16x16 input)",

@@ -29,11 +29,10 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes
-from .data import load_data, to_unit_range
+from .data import SPLIT_SEED, load_data, load_digits, split_indices, to_unit_range
 from .data_cache import cache_root
 from .errors import InkwashError
 
-SPLIT_SEED = 0
 CACHE_FORMAT = 1
 NPZ_IMAGE_KEYS = ("samples", "images")
 
@@ -42,26 +41,6 @@ def cache_dir() -> Path:
     """Where inkwash keeps trained feature networks and reference features: $INKWASH_CACHE, else
     ~/.cache/inkwash."""
     return cache_root()
-
-
-def split_indices(
-    num: int, labels: torch.Tensor | None = None, seed: int = SPLIT_SEED
-) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed-seed half/half split of ``num`` items, (train, test) sorted index arrays.
-
-    With labels, each class is split on its own, so both halves keep the class proportions.
-    """
-    if num < 2:
-        raise InkwashError(f"a reference needs at least 2 images to split in two, got {num}")
-    generator = np.random.default_rng(seed)
-    groups = [np.arange(num)] if labels is None else [np.flatnonzero(labels.numpy() == c) for c in labels.unique()]
-    train, test = [], []
-    for group in groups:
-        order = generator.permutation(group)
-        cut = (len(order) + 1) // 2
-        train.append(order[:cut])
-        test.append(order[cut:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 @dataclass
@@ -137,8 +116,11 @@ def load_reference(spec: str, image_shape: tuple[int, int, int], show_progress: 
     else:
         if spec != "digits" and not path.is_dir():
             raise InkwashError(f"--reference must be 'digits', a folder of images or an .npz, got {spec!r}")
-        data = load_data(spec, channels, size, show_progress)
+        # digits: all 1,797 images (training on ``--data digits`` sees only the train half)
+        data = load_digits(size, "all") if spec == "digits" else load_data(spec, channels, size, show_progress)
         images, labels = data.images, data.labels
+        if images.shape[1] != channels:
+            images = images.expand(-1, channels, -1, -1).contiguous()
         if spec == "digits":
             import sklearn
 
