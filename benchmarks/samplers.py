@@ -58,6 +58,8 @@ from inkwash.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.steps import STEP_SCHEDULES, build_sigmas
 
 LINEAR = NoiseSchedule(ScheduleConfig("linear", 1000, 1e-4, 0.02))
+PATH_ROWS = 2000  # initial noises whose exact ODE solution is computed for the path error
+PATH_FLOW_STEPS = 200  # Runge-Kutta steps of that solution; main() prints its own error against twice as many
 OVERHEAD_SHAPE = (64, 3, 32, 32)
 
 
@@ -113,12 +115,20 @@ class Row:
     diffusers_mode_error: float | None
     floor: float
     note: str = ""
+    inkwash_path: float | None = None  # deterministic samplers: RMS distance to the exact ODE solution
+    diffusers_path: float | None = None
 
     @property
     def ratio(self) -> float:
         if self.diffusers_swd is None or not self.diffusers_swd > 0:
             return float("nan")
         return self.inkwash_swd / self.diffusers_swd
+
+    @property
+    def path_ratio(self) -> float:
+        if self.inkwash_path is None or self.diffusers_path is None or not self.diffusers_path > 0:
+            return float("nan")
+        return self.inkwash_path / self.diffusers_path
 
 
 # ---- diffusers ------------------------------------------------------------------------------------
@@ -224,8 +234,9 @@ def step_kwargs_for(sched, twin: Twin, generator: torch.Generator | None) -> dic
 
 def run_diffusers(
     gmm: GaussianMixture, twin: Twin, steps: int, schedule: str, num_samples: int, seed: int
-) -> tuple[torch.Tensor, int]:
-    """A pipeline's sampling loop with the oracle as its network; samples (N, D) and the NFE."""
+) -> tuple[torch.Tensor, int, float]:
+    """A pipeline's sampling loop with the oracle as its network; samples (N, D), the NFE and the sigma
+    of its first model call (where its initial noise stands)."""
     sched = make_scheduler(twin, steps, schedule, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, gmm.dim, generator=generator, dtype=torch.float64) * sched.init_noise_sigma
@@ -234,7 +245,8 @@ def run_diffusers(
     for t in sched.timesteps:
         eps = model(sched.scale_model_input(x, t), t)
         x = sched.step(eps, t, x, **kwargs).prev_sample
-    return x.double(), model.calls
+    start = float(LINEAR.t_to_sigma(torch.as_tensor(sched.timesteps[0], dtype=torch.float64)))
+    return x.double(), model.calls, start
 
 
 # ---- inkwash --------------------------------------------------------------------------------------
@@ -292,13 +304,20 @@ class Result:
     nfe: int
     swd: float
     mode_error: float
+    path_error: float | None = None  # deterministic runs: RMS distance to the exact ODE solution (Bench.path_error)
 
 
 class Bench:
     """Runs and scores samplers on the oracle against one fixed set of exact samples; remembers every run."""
 
-    def __init__(self, gmm: GaussianMixture, num_samples: int, seed: int) -> None:
+    def __init__(self, gmm: GaussianMixture, num_samples: int, seed: int, path_rows: int = PATH_ROWS) -> None:
         self.gmm, self.num_samples, self.seed = gmm, num_samples, seed
+        # Both libraries' first draw: the initial noise, before each scales it by its first sigma.
+        self.start = torch.randn(
+            num_samples, gmm.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+        self.path_rows = min(path_rows, num_samples)
+        self.flows: dict[tuple[float, int], torch.Tensor] = {}
         self.reference, _ = gmm.sample(num_samples, torch.Generator().manual_seed(seed + 1))
         other, _ = gmm.sample(num_samples, torch.Generator().manual_seed(seed + 2))
         self.floor = self.swd(other)
@@ -309,12 +328,29 @@ class Bench:
         """SWD to the reference, with the same projections (the same generator seed) for every run."""
         return sliced_wasserstein(samples, self.reference, generator=torch.Generator().manual_seed(self.seed + 3))
 
-    def _score(self, samples: torch.Tensor, steps: int, nfe: int) -> Result:
+    def exact_flow(self, sigma_start: float, steps: int = PATH_FLOW_STEPS) -> torch.Tensor:
+        """The exact probability-flow ODE solution from the first ``path_rows`` initial noises placed at
+        ``sigma_start`` (``GaussianMixture.ode_solution``): what a perfect deterministic sampler returns."""
+        key = (round(sigma_start, 9), steps)
+        if key not in self.flows:
+            x = self.start[: self.path_rows] * math.sqrt(1.0 + sigma_start**2)
+            self.flows[key] = self.gmm.ode_solution(x, sigma_start, steps=steps)
+        return self.flows[key]
+
+    def path_error(self, samples: torch.Tensor, sigma_start: float) -> float:
+        """RMS (per coordinate) distance of a deterministic run's samples to the exact ODE solution from the
+        same noise and the same first sigma: the solver's own error, with no sampling noise in it."""
+        exact = self.exact_flow(sigma_start)
+        return float((samples[: self.path_rows] - exact).square().mean().sqrt())
+
+    def _score(self, samples: torch.Tensor, steps: int, nfe: int, path_from: float | None = None) -> Result:
         if not torch.isfinite(samples).all():
             return Result(steps, nfe, float("nan"), float("nan"))
-        return Result(steps, nfe, self.swd(samples), self.gmm.mode_weight_error(samples))
+        path = None if path_from is None else self.path_error(samples, path_from)
+        return Result(steps, nfe, self.swd(samples), self.gmm.mode_weight_error(samples), path)
 
-    def inkwash(self, sampler: str, schedule: str, target: int) -> Result | None:
+    def inkwash(self, sampler: str, schedule: str, target: int, path: bool = False) -> Result | None:
+        """One inkwash run (cached); ``path`` also scores a deterministic sampler against the exact ODE."""
         key = ("inkwash", sampler, schedule, target)
         if key not in self.runs:
             steps = largest_steps(lambda n: inkwash_nfe(sampler, n, schedule), target)
@@ -323,21 +359,30 @@ class Bench:
                 sigmas = build_sigmas(LINEAR, steps, schedule)
                 noise_dtype = TWINS[sampler].noise_dtype
                 samples, nfe = run_inkwash(self.gmm, sampler, sigmas, self.num_samples, self.seed, noise_dtype)
-                result = self._score(samples, steps, nfe)
+                exact = path and not SAMPLERS[sampler].stochastic
+                result = self._score(samples, steps, nfe, sigmas[0].item() if exact else None)
             self.runs[key] = result
         return self.runs[key]
 
-    def diffusers(self, sampler: str, schedule: str, target: int) -> Result | None:
+    def diffusers(self, sampler: str, schedule: str, target: int, path: bool = False) -> Result | None:
         key = ("diffusers", sampler, schedule, target)
         if key not in self.runs:
             twin = TWINS[sampler]
             steps = largest_steps(lambda n: diffusers_nfe(twin, n, schedule), target)
             result = None
             if steps is not None:
-                samples, nfe = run_diffusers(self.gmm, twin, steps, schedule, self.num_samples, self.seed)
-                result = self._score(samples, steps, nfe)
+                samples, nfe, start = run_diffusers(self.gmm, twin, steps, schedule, self.num_samples, self.seed)
+                result = self._score(samples, steps, nfe, start if path and not SAMPLERS[sampler].stochastic else None)
             self.runs[key] = result
         return self.runs[key]
+
+
+def flow_self_error(bench: Bench) -> float:
+    """How far the exact-ODE reference is from one with twice its steps, at the highest start sigma used."""
+    if not bench.flows:
+        return float("nan")
+    (sigma_start, steps), coarse = max(bench.flows.items())
+    return float((coarse - bench.exact_flow(sigma_start, 2 * steps)).square().mean().sqrt())
 
 
 def ink_schedule(sampler: str, choice: str) -> str:
@@ -354,22 +399,24 @@ def compare(bench: Bench, samplers: list[str], targets: list[int], *, schedule: 
         why_not = twin_unavailable(twin)
         for target in targets:
             started = time.perf_counter()
-            ours = bench.inkwash(sampler, ink_schedule(sampler, schedule), target)
+            ours = bench.inkwash(sampler, ink_schedule(sampler, schedule), target, path=True)
             if ours is None:
                 print(f"  {sampler}: no inkwash step count fits {target} NFE", file=sys.stderr)
                 continue
             row = Row(
                 sampler, target, ours.steps, ours.nfe, ours.swd, ours.mode_error, None, None, None, None, bench.floor
             )
+            row.inkwash_path = ours.path_error
             if why_not is not None:
                 row.note = why_not
             else:
-                theirs = bench.diffusers(sampler, table_schedule(twin, karras), target)
+                theirs = bench.diffusers(sampler, table_schedule(twin, karras), target, path=True)
                 if theirs is None:
                     row.note = f"no diffusers step count fits {target} NFE"
                 else:
                     row.diffusers_steps, row.diffusers_nfe = theirs.steps, theirs.nfe
                     row.diffusers_swd, row.diffusers_mode_error = theirs.swd, theirs.mode_error
+                    row.diffusers_path = theirs.path_error
             rows.append(row)
             elapsed = time.perf_counter() - started
             print(f"  {sampler:16s} NFE {target:3d}: {elapsed:5.1f} s", file=sys.stderr, flush=True)
@@ -412,7 +459,8 @@ def _fmt(value: float | None, spec: str, width: int) -> str:
 def format_table(rows: list[Row]) -> str:
     head = (
         f"{'sampler':13s} {'target':>6s} {'ink steps/NFE':>13s} {'diff steps/NFE':>14s} {'inkwash SWD':>11s} "
-        f"{'diffusers SWD':>13s} {'ink/diff':>8s} {'floor':>8s} {'ink mode':>8s} {'diff mode':>9s}"
+        f"{'diffusers SWD':>13s} {'ink/diff':>8s} {'floor':>8s} {'ink mode':>8s} {'diff mode':>9s} "
+        f"{'ink path':>9s} {'diff path':>9s} {'path i/d':>8s}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -421,7 +469,9 @@ def format_table(rows: list[Row]) -> str:
         line = (
             f"{SAMPLERS[r.sampler].display_name:13s} {r.target_nfe:6d} {f'{r.inkwash_steps}/{r.inkwash_nfe}':>13s} "
             f"{d_steps:>14s} {r.inkwash_swd:11.5f} {_fmt(r.diffusers_swd, '.5f', 13)} {ratio:>8s} {r.floor:8.5f} "
-            f"{r.inkwash_mode_error:8.4f} {_fmt(r.diffusers_mode_error, '.4f', 9)}"
+            f"{r.inkwash_mode_error:8.4f} {_fmt(r.diffusers_mode_error, '.4f', 9)} "
+            f"{_fmt(r.inkwash_path, '.5f', 9)} {_fmt(r.diffusers_path, '.5f', 9)} "
+            f"{_fmt(None if math.isnan(r.path_ratio) else r.path_ratio, '.3f', 8)}"
         )
         if r.note:
             line += f"  ({r.note})"
@@ -585,6 +635,7 @@ def main() -> None:
             "inkwash": best_runs(bench, "inkwash", near, {s: list(STEP_SCHEDULES) for s in samplers}),
             "diffusers": best_runs(bench, "diffusers", near, {s: diffusers_schedules(TWINS[s]) for s in compared}),
         }
+    flow_error = flow_self_error(bench)
     elapsed = time.perf_counter() - started
 
     print(
@@ -593,6 +644,11 @@ def main() -> None:
     )
     print(f"inkwash schedule: {args.schedule}; diffusers schedule: " + ", ".join(sorted(set(d_schedules.values()))))
     print(f"floor (exact vs exact): SWD {bench.floor:.5f}, mode-weight error {bench.floor_mode_error:.4f}")
+    print(
+        f"path: RMS distance of a deterministic sampler's first {bench.path_rows} samples to the exact ODE solution "
+        f"from the same noise (RK4, {PATH_FLOW_STEPS} steps in log sigma; its own error against {2 * PATH_FLOW_STEPS} "
+        f"steps: {flow_error:.1e})"
+    )
     print()
     print(format_table(rows))
     print()
@@ -615,7 +671,8 @@ def main() -> None:
             "settings": {**vars(args), "diffusers": diffusers.__version__, "threads": torch.get_num_threads()},
             "floor": {"swd": bench.floor, "mode_error": bench.floor_mode_error},
             "diffusers_schedules": d_schedules,
-            "results": [{**asdict(r), "ratio": r.ratio} for r in rows],
+            "results": [{**asdict(r), "ratio": r.ratio, "path_ratio": r.path_ratio} for r in rows],
+            "exact_flow_error": flow_error,
             "best_at_nfe_10": {"target": near, "table_settings": table_settings, "any_schedule": searched},
             "skipped": skipped,
             "overhead": results,

@@ -226,3 +226,26 @@ def test_gaussian_log_prob_closed_form():
     var = 0.4**2 + sigma**2
     expected = -math.log(2 * math.pi * var) - ((x - torch.tensor([0.5, -0.5])) ** 2).sum(1) / (2 * var)
     torch.testing.assert_close(gmm.log_prob(x, sigma), expected)
+
+
+def test_ode_solution_matches_the_closed_form_flow_of_a_gaussian():
+    # For N(mu, s^2 I) the probability-flow ODE is linear: x(sigma) - mu scales as sqrt(s^2 + sigma^2).
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.randn(1, 8, generator=generator, dtype=torch.float64)
+    gaussian = GaussianMixture([1.0], mu, [0.3])
+    for sigma_start in (0.5, 80.0):
+        x = mu + math.sqrt(0.09 + sigma_start**2) * torch.randn(64, 8, generator=generator, dtype=torch.float64)
+        exact = mu + (x - mu) * 0.3 / math.sqrt(0.09 + sigma_start**2)
+        solved = gaussian.ode_solution(x, sigma_start)
+        assert (solved - exact).abs().max() < 1e-7 * (exact - mu).abs().max()
+        coarse = gaussian.ode_solution(x, sigma_start, steps=5)
+        assert (coarse - exact).abs().max() > 1e-7 * (exact - mu).abs().max()  # the check can fail
+
+
+def test_ode_solution_carries_the_noised_marginal_to_the_data():
+    gmm = preset("gmm2d")
+    x0, _ = gmm.sample(4000, torch.Generator().manual_seed(1))
+    noised = x0 + 20.0 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert gmm.mode_weight_error(gmm.ode_solution(noised, 20.0, steps=50)) < 0.03
+    with pytest.raises(ValueError, match="sigma_start"):
+        gmm.ode_solution(noised, 0.0)

@@ -194,6 +194,36 @@ class GaussianMixture:
         second += float(self.weights @ self.stds.square()) * torch.eye(self.dim, dtype=torch.float64)
         return second - torch.outer(mean, mean)
 
+    def ode_solution(
+        self, x: torch.Tensor, sigma_start: float, *, steps: int = 500, sigma_min: float = 1e-4
+    ) -> torch.Tensor:
+        """Where the probability-flow ODE ``dx/dsigma = (x - E[x0 | x]) / sigma`` carries ``x`` from
+        ``sigma_start`` down to 0: the point a perfect deterministic sampler reaches from the same start.
+
+        In ``u = log sigma`` the ODE is ``dx/du = x - E[x0 | x]``, smooth and bounded at every noise
+        level; it is integrated with classical fourth-order Runge-Kutta over ``steps`` equal steps
+        from ``sigma_start`` to ``sigma_min`` (4 denoiser calls each), and the last stretch to 0 is
+        the denoiser's value at ``sigma_min`` (at 1e-4 it is within 1e-7 of the limit). For a single
+        Gaussian it matches the closed form ``mu + (x - mu) s / sqrt(s^2 + sigma_start^2)`` to 1e-7
+        relative (tests/test_oracle.py): far below any sampler's error at 1000 NFE.
+        """
+        if not sigma_start > sigma_min:
+            raise ValueError(f"sigma_start must exceed sigma_min = {sigma_min}, got {sigma_start}")
+        x = torch.as_tensor(x, dtype=torch.float64)
+        u, h = math.log(sigma_start), (math.log(sigma_min) - math.log(sigma_start)) / steps
+
+        def slope(point: torch.Tensor, at: float) -> torch.Tensor:
+            return point - self(point, math.exp(at))
+
+        for i in range(steps):
+            u = math.log(sigma_start) + i * h
+            k1 = slope(x, u)
+            k2 = slope(x + h / 2 * k1, u + h / 2)
+            k3 = slope(x + h / 2 * k2, u + h / 2)
+            k4 = slope(x + h * k3, u + h)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return self(x, sigma_min)
+
     def mode_weights(self, samples: torch.Tensor) -> torch.Tensor:
         """Fraction of samples whose most responsible component at sigma 0 is k, (K,) float64.
 
