@@ -21,7 +21,12 @@ with its default step schedule and options, as ``inkwash sample`` does (``--sche
 Scores: the sliced Wasserstein distance (SWD) of the samples to a fixed set of exact samples (the
 same projections for every run), the floor (the SWD between two exact sets of the same size: what a
 perfect sampler scores) and the mode-weight error (total variation of the mode histogram). The
-ratio inkwash / diffusers <= 1 means inkwash is at least as accurate. At the target NFE nearest 10 it
+ratio inkwash / diffusers <= 1 means inkwash is at least as accurate. Near the floor the SWD cannot
+tell two good samplers apart (its own sampling noise is larger than their difference), so each
+deterministic sampler is also scored by its path error: the RMS distance of its first 2,000 samples
+to the exact probability-flow ODE solution from the same initial noise and the same first sigma
+(``GaussianMixture.ode_solution``, fourth-order Runge-Kutta; the run prints that reference's own
+error). That is the solver's error itself, with no sampling noise in it. At the target NFE nearest 10 it
 also reports the best sampler of each library with the table's schedules and, unless
 ``--no-best-search``, over every schedule each library offers (inkwash's five step schedules;
 diffusers' timestep spacings and Karras sigmas where the scheduler has them).

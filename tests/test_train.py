@@ -94,3 +94,15 @@ def test_zero_terminal_snr_needs_v_or_x0(tmp_path):
 
     with pytest.raises(InkwashError, match="zero-terminal-snr"):
         train(TrainConfig(out=str(tmp_path), preset="tiny", steps=1, zero_terminal_snr=True), show_progress=False)
+
+
+def test_dropout_option_overrides_the_preset(tmp_path):
+    import pytest
+
+    from inkwash.checkpoint import read_config
+    from inkwash.errors import InkwashError
+
+    train(TrainConfig(out=str(tmp_path), preset="digits", steps=1, batch_size=2, dropout=0.0), show_progress=False)
+    assert read_config(tmp_path)["unet"]["dropout"] == 0.0
+    with pytest.raises(InkwashError, match="--dropout"):
+        train(TrainConfig(out=str(tmp_path / "bad"), preset="tiny", steps=1, dropout=1.0), show_progress=False)

@@ -160,6 +160,9 @@ def build_parser() -> Parser:
     train.add_argument(
         "--image-size", type=_positive_int, default=None, help="image side in pixels (default: the preset's)"
     )
+    train.add_argument(
+        "--dropout", type=_nonneg_float, default=None, help="residual-block dropout (default: the preset's, 0.1)"
+    )
     train.add_argument("--seed", type=_nonneg_int, default=0, help="(default: %(default)s)")
     train.add_argument(
         "--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints (default: %(default)s)"
@@ -476,6 +479,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         image_size=args.image_size,
+        dropout=args.dropout,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         beta_schedule=args.beta_schedule,

@@ -57,6 +57,7 @@ class TrainConfig:
     batch_size: int = 64  # per process and per micro-batch
     lr: float = 1e-3
     image_size: int | None = None  # defaults to the preset's
+    dropout: float | None = None  # defaults to the preset's
     seed: int = 0
     checkpoint_every: int = 500
     keep_last: int = 3  # checkpoints kept on disk
@@ -98,6 +99,7 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
             (self.image_size is None or 4 <= self.image_size <= 1024, "--image-size must be in 4..1024"),
+            (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.keep_last >= 1, "--keep-last must be at least 1"),
             (self.warmup_steps >= 0, "warm-up steps must be >= 0"),
@@ -221,6 +223,8 @@ class _StopSignals:
 
 def _model_config(config: TrainConfig, data: ImageData | None) -> UNetConfig:
     overrides: dict = {"image_size": config.image_size} if config.image_size else {}
+    if config.dropout is not None:
+        overrides["dropout"] = config.dropout
     if config.class_cond:
         if data is None or data.labels is None or not data.class_names:
             raise InkwashError(f"--class-cond needs labelled data; {config.data!r} has no class labels")
