@@ -8,7 +8,10 @@ diffusers' ``DDIMScheduler``), both with trailing timesteps and x0 clipped to [-
 and KID on the offline digits features beside the real-data floor, with the ratio inkwash / baseline
 (below 1: inkwash's samples are closer to the data).
 
-    python benchmarks/quality.py [--images 30000] [--num-samples 1000] [--json out.json]
+    python benchmarks/quality.py [--images 30000] [--num-samples 1000] [--ddpm-steps 100] [--json out.json]
+
+Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, learning rate, dropout);
+``--ddpm-steps N`` also samples both with DDPM respaced to N steps, the demo's own sampler at N = 100.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from inkwash.checkpoint import load_model
 from inkwash.data import load_digits
+from inkwash.demo import DEMO_RECIPE
 from inkwash.denoiser import ModelDenoiser
 from inkwash.evaluate import MetricSettings, sample_images, score_images
 from inkwash.reference import load_reference
@@ -41,6 +45,7 @@ def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
             steps=steps,
             batch_size=args.batch_size,
             lr=args.lr,
+            dropout=args.dropout,
             warmup_steps=args.warmup_steps,
             ema_decay=args.ema_decay,
             seed=args.seed,
@@ -57,7 +62,7 @@ def train_diffusers(args, data, steps: int):
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = diffusers_twin(preset(args.preset))
+    model = diffusers_twin(preset(args.preset, dropout=args.dropout))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optimizer = make_optimizer(model, args.lr)
@@ -80,19 +85,25 @@ def train_diffusers(args, data, steps: int):
 
 
 @torch.no_grad()
-def sample_diffusers(model, shape, num_samples: int, steps: int, seed: int, batch_size: int = 250) -> torch.Tensor:
-    from diffusers import DDIMScheduler
+def sample_diffusers(
+    model, shape, num_samples: int, steps: int, seed: int, sampler: str = "ddim", batch_size: int = 250
+) -> torch.Tensor:
+    """DDIM (trailing timesteps, eta 0) or DDPM respaced to ``steps`` (leading), x0 clipped to [-1, 1]."""
+    from diffusers import DDIMScheduler, DDPMScheduler
 
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, timestep_spacing="trailing"
-    )
+    if sampler == "ddim":
+        scheduler = DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, timestep_spacing="trailing"
+        )
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     for start in range(0, num_samples, batch_size):
         scheduler.set_timesteps(steps)
         x = torch.randn(min(batch_size, num_samples - start), *shape, generator=generator)
         for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t).sample, t, x).prev_sample
+            x = scheduler.step(model(x, t).sample, t, x, generator=generator).prev_sample
         chunks.append(x.clamp(-1, 1))
     return torch.cat(chunks)
 
@@ -102,11 +113,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30_000, help="training images seen by each (default: 30000)")
     parser.add_argument("--num-samples", type=int, default=1000, help="samples drawn from each (default: 1000)")
     parser.add_argument("--preset", default="digits")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=DEMO_RECIPE["batch_size"], help="(default: the demo's)")
+    parser.add_argument("--lr", type=float, default=DEMO_RECIPE["lr"], help="(default: the demo's)")
+    parser.add_argument("--dropout", type=float, default=DEMO_RECIPE["dropout"], help="(default: the demo's)")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument(
+        "--ddpm-steps",
+        type=int,
+        default=0,
+        help="also sample both with DDPM respaced to this many steps (the demo's sampler is DDPM at 100)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", default=None)
@@ -118,45 +136,52 @@ def main() -> None:
     steps = max(1, args.images // args.batch_size)
     ours, ours_seconds = train_inkwash(args, data, steps)
     theirs, theirs_seconds = train_diffusers(args, data, steps)
-    ours_images = sample_images(
-        ours.eval(),
-        shape,
-        args.num_samples,
-        steps=args.sample_steps,
-        schedule="trailing",  # the same timesteps as the baseline's DDIMScheduler
-        seed=args.seed,
-        show_progress=not args.quiet,
-    )
-    theirs_images = sample_diffusers(theirs, shape, args.num_samples, args.sample_steps, args.seed)
-
     reference = load_reference("digits", shape)
     settings = MetricSettings(metrics=("fid", "kid"), seed=args.seed)
-    ours_scores, counts = score_images(ours_images, reference, settings, show_progress=not args.quiet)
-    theirs_scores, _ = score_images(theirs_images, reference, settings)
+    # DDIM with trailing timesteps (the same as the baseline's DDIMScheduler); DDPM respaced (leading) on both.
+    runs = [("ddim", args.sample_steps, "trailing")] + (
+        [("ddpm", args.ddpm_steps, "leading")] if args.ddpm_steps else []
+    )
     result = {
         "preset": args.preset,
         "images_seen": steps * args.batch_size,
         "steps": steps,
         "batch_size": args.batch_size,
-        "sample_steps": args.sample_steps,
-        "counts": counts,
+        "dropout": args.dropout,
         "parameters": {"inkwash": count_parameters(ours.network), "diffusers": count_parameters(theirs)},
         "train_seconds": {"inkwash": round(ours_seconds, 1), "diffusers": round(theirs_seconds, 1)},
-        "inkwash": ours_scores,
-        "diffusers": theirs_scores,
-        "ratio": {key: ours_scores[key] / theirs_scores[key] for key in ("fid", "kid")},
+        "sampling": {},
     }
     print(
-        f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}); "
-        f"{args.num_samples} samples each with {args.sample_steps}-step DDIM, against the test half of digits "
-        f"({counts['reference']} images); digits features"
+        f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
+        f"{args.dropout:g}); {args.num_samples} samples each, against the test half of digits; digits features"
     )
-    print(f"{'':6s} {'inkwash':>12s} {'diffusers':>12s} {'ratio':>7s} {'real-data floor':>16s}")
-    for key in ("fid", "kid"):
-        print(
-            f"{key.upper():6s} {ours_scores[key]:12.4f} {theirs_scores[key]:12.4f} {result['ratio'][key]:7.2f} "
-            f"{ours_scores[key + '_floor']:16.4f}"
+    for sampler, sample_steps, schedule in runs:
+        ours_images = sample_images(
+            ours.eval(),
+            shape,
+            args.num_samples,
+            sampler=sampler,
+            steps=sample_steps,
+            schedule=schedule,
+            seed=args.seed,
+            show_progress=not args.quiet,
         )
+        theirs_images = sample_diffusers(theirs, shape, args.num_samples, sample_steps, args.seed, sampler)
+        ours_scores, counts = score_images(ours_images, reference, settings, show_progress=not args.quiet)
+        theirs_scores, _ = score_images(theirs_images, reference, settings)
+        ratio = {key: ours_scores[key] / theirs_scores[key] for key in ("fid", "kid")}
+        name = f"{sampler}_{sample_steps}"
+        result["sampling"][name] = {"inkwash": ours_scores, "diffusers": theirs_scores, "ratio": ratio}
+        result["counts"] = counts
+        print(f"\n{sampler.upper()} {sample_steps} steps ({counts['reference']} reference images)")
+        print(f"{'':6s} {'inkwash':>12s} {'diffusers':>12s} {'ratio':>7s} {'real-data floor':>16s} {'ink/floor':>9s}")
+        for key in ("fid", "kid"):
+            floor = ours_scores[key + "_floor"]
+            print(
+                f"{key.upper():6s} {ours_scores[key]:12.4f} {theirs_scores[key]:12.4f} {ratio[key]:7.2f} "
+                f"{floor:16.4f} " + (f"{ours_scores[key] / floor:9.2f}" if key == "fid" else f"{'-':>9s}")
+            )
     print(f"training seconds: inkwash {ours_seconds:.0f}, diffusers {theirs_seconds:.0f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -122,6 +122,8 @@ class Row:
     note: str = ""
     inkwash_path: float | None = None  # deterministic samplers: RMS distance to the exact ODE solution
     diffusers_path: float | None = None
+    inkwash_start: float | None = None  # the sigma each side's initial noise stands at
+    diffusers_start: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -131,7 +133,11 @@ class Row:
 
     @property
     def path_ratio(self) -> float:
+        """Path errors compare only from the same start: a lower first sigma is a shorter ODE to solve
+        (and a worse prior, which the SWD sees instead)."""
         if self.inkwash_path is None or self.diffusers_path is None or not self.diffusers_path > 0:
+            return float("nan")
+        if not math.isclose(self.inkwash_start, self.diffusers_start, rel_tol=1e-6):
             return float("nan")
         return self.inkwash_path / self.diffusers_path
 
@@ -310,6 +316,7 @@ class Result:
     swd: float
     mode_error: float
     path_error: float | None = None  # deterministic runs: RMS distance to the exact ODE solution (Bench.path_error)
+    start_sigma: float | None = None
 
 
 class Bench:
@@ -352,7 +359,7 @@ class Bench:
         if not torch.isfinite(samples).all():
             return Result(steps, nfe, float("nan"), float("nan"))
         path = None if path_from is None else self.path_error(samples, path_from)
-        return Result(steps, nfe, self.swd(samples), self.gmm.mode_weight_error(samples), path)
+        return Result(steps, nfe, self.swd(samples), self.gmm.mode_weight_error(samples), path, path_from)
 
     def inkwash(self, sampler: str, schedule: str, target: int, path: bool = False) -> Result | None:
         """One inkwash run (cached); ``path`` also scores a deterministic sampler against the exact ODE."""
@@ -411,7 +418,7 @@ def compare(bench: Bench, samplers: list[str], targets: list[int], *, schedule: 
             row = Row(
                 sampler, target, ours.steps, ours.nfe, ours.swd, ours.mode_error, None, None, None, None, bench.floor
             )
-            row.inkwash_path = ours.path_error
+            row.inkwash_path, row.inkwash_start = ours.path_error, ours.start_sigma
             if why_not is not None:
                 row.note = why_not
             else:
@@ -421,7 +428,7 @@ def compare(bench: Bench, samplers: list[str], targets: list[int], *, schedule: 
                 else:
                     row.diffusers_steps, row.diffusers_nfe = theirs.steps, theirs.nfe
                     row.diffusers_swd, row.diffusers_mode_error = theirs.swd, theirs.mode_error
-                    row.diffusers_path = theirs.path_error
+                    row.diffusers_path, row.diffusers_start = theirs.path_error, theirs.start_sigma
             rows.append(row)
             elapsed = time.perf_counter() - started
             print(f"  {sampler:16s} NFE {target:3d}: {elapsed:5.1f} s", file=sys.stderr, flush=True)
@@ -461,6 +468,12 @@ def _fmt(value: float | None, spec: str, width: int) -> str:
     return f"{value:{width}{spec}}"
 
 
+def _path_ratio(row: Row) -> str:
+    if row.inkwash_path is None or row.diffusers_path is None:
+        return "-"
+    return "start≠" if math.isnan(row.path_ratio) else f"{row.path_ratio:.3f}"
+
+
 def format_table(rows: list[Row]) -> str:
     head = (
         f"{'sampler':13s} {'target':>6s} {'ink steps/NFE':>13s} {'diff steps/NFE':>14s} {'inkwash SWD':>11s} "
@@ -476,7 +489,7 @@ def format_table(rows: list[Row]) -> str:
             f"{d_steps:>14s} {r.inkwash_swd:11.5f} {_fmt(r.diffusers_swd, '.5f', 13)} {ratio:>8s} {r.floor:8.5f} "
             f"{r.inkwash_mode_error:8.4f} {_fmt(r.diffusers_mode_error, '.4f', 9)} "
             f"{_fmt(r.inkwash_path, '.5f', 9)} {_fmt(r.diffusers_path, '.5f', 9)} "
-            f"{_fmt(None if math.isnan(r.path_ratio) else r.path_ratio, '.3f', 8)}"
+            f"{_path_ratio(r):>8s}"
         )
         if r.note:
             line += f"  ({r.note})"
@@ -656,6 +669,7 @@ def main() -> None:
     )
     print()
     print(format_table(rows))
+    print("(start≠: the two start from different sigmas, so their path errors are not comparable)")
     print()
     print(f"best at NFE ~ {near} (SWD/floor: 1 is a perfect sampler):")
     print(format_best("table settings", table_settings, bench.floor, 1))
