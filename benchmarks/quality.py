@@ -35,6 +35,8 @@ from inkwash.train import EpochSampler, TrainConfig, ema_update, make_optimizer,
 from inkwash.unet import count_parameters, preset
 from throughput import diffusers_twin
 
+DIFFUSERS_BETAS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # diffusers' names for the same betas
+
 
 def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
     with tempfile.TemporaryDirectory() as run_dir:
@@ -46,6 +48,7 @@ def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
             batch_size=args.batch_size,
             lr=args.lr,
             dropout=args.dropout,
+            beta_schedule=args.beta_schedule,
             warmup_steps=args.warmup_steps,
             ema_decay=args.ema_decay,
             seed=args.seed,
@@ -64,7 +67,7 @@ def train_diffusers(args, data, steps: int):
     generator = torch.Generator().manual_seed(args.seed)
     model = diffusers_twin(preset(args.preset, dropout=args.dropout))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_BETAS[args.beta_schedule])
     optimizer = make_optimizer(model, args.lr)
     batches = EpochSampler(len(data), args.batch_size, generator)
     started = time.perf_counter()
@@ -86,17 +89,25 @@ def train_diffusers(args, data, steps: int):
 
 @torch.no_grad()
 def sample_diffusers(
-    model, shape, num_samples: int, steps: int, seed: int, sampler: str = "ddim", batch_size: int = 250
+    model,
+    shape,
+    num_samples: int,
+    steps: int,
+    seed: int,
+    sampler: str = "ddim",
+    beta_schedule: str = "linear",
+    batch_size: int = 250,
 ) -> torch.Tensor:
     """DDIM (trailing timesteps, eta 0) or DDPM respaced to ``steps`` (leading), x0 clipped to [-1, 1]."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    betas = DIFFUSERS_BETAS[beta_schedule]
     if sampler == "ddim":
         scheduler = DDIMScheduler(
-            num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, timestep_spacing="trailing"
+            num_train_timesteps=1000, beta_schedule=betas, clip_sample=True, timestep_spacing="trailing"
         )
     else:
-        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=betas, clip_sample=True)
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     for start in range(0, num_samples, batch_size):
@@ -116,6 +127,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=DEMO_RECIPE["batch_size"], help="(default: the demo's)")
     parser.add_argument("--lr", type=float, default=DEMO_RECIPE["lr"], help="(default: the demo's)")
     parser.add_argument("--dropout", type=float, default=DEMO_RECIPE["dropout"], help="(default: the demo's)")
+    parser.add_argument(
+        "--beta-schedule",
+        default=DEMO_RECIPE["beta_schedule"],
+        choices=sorted(DIFFUSERS_BETAS),
+        help="(default: the demo's)",
+    )
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--sample-steps", type=int, default=50)
@@ -148,13 +165,15 @@ def main() -> None:
         "steps": steps,
         "batch_size": args.batch_size,
         "dropout": args.dropout,
+        "beta_schedule": args.beta_schedule,
         "parameters": {"inkwash": count_parameters(ours.network), "diffusers": count_parameters(theirs)},
         "train_seconds": {"inkwash": round(ours_seconds, 1), "diffusers": round(theirs_seconds, 1)},
         "sampling": {},
     }
     print(
         f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
-        f"{args.dropout:g}); {args.num_samples} samples each, against the test half of digits; digits features"
+        f"{args.dropout:g}, {args.beta_schedule} betas); {args.num_samples} samples each, against the test half "
+        "of digits; digits features"
     )
     for sampler, sample_steps, schedule in runs:
         ours_images = sample_images(
@@ -167,7 +186,9 @@ def main() -> None:
             seed=args.seed,
             show_progress=not args.quiet,
         )
-        theirs_images = sample_diffusers(theirs, shape, args.num_samples, sample_steps, args.seed, sampler)
+        theirs_images = sample_diffusers(
+            theirs, shape, args.num_samples, sample_steps, args.seed, sampler, args.beta_schedule
+        )
         ours_scores, counts = score_images(ours_images, reference, settings, show_progress=not args.quiet)
         theirs_scores, _ = score_images(theirs_images, reference, settings)
         ratio = {key: ours_scores[key] / theirs_scores[key] for key in ("fid", "kid")}
