@@ -376,8 +376,7 @@ def test_corrupt_or_missing_idx_files(tmp_path):
         load_data("mnist", 1, 28, show_progress=False, data_dir=tmp_path, split="test")
     with pytest.raises(InkwashError, match="split"):
         load_data("mnist", 1, 28, show_progress=False, data_dir=tmp_path, split="valid")
-    with pytest.raises(InkwashError, match="test split"):
-        load_data("digits", 1, 16, show_progress=False, split="test")
+    assert len(load_data("digits", 1, 16, show_progress=False, split="test")) == 896  # digits' held-out half
 
 
 def _cifar_bytes(pixels: np.ndarray, labels: np.ndarray) -> bytes:
