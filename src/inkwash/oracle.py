@@ -210,7 +210,7 @@ class GaussianMixture:
         if not sigma_start > sigma_min:
             raise ValueError(f"sigma_start must exceed sigma_min = {sigma_min}, got {sigma_start}")
         x = torch.as_tensor(x, dtype=torch.float64)
-        u, h = math.log(sigma_start), (math.log(sigma_min) - math.log(sigma_start)) / steps
+        h = (math.log(sigma_min) - math.log(sigma_start)) / steps
 
         def slope(point: torch.Tensor, at: float) -> torch.Tensor:
             return point - self(point, math.exp(at))
