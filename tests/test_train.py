@@ -106,3 +106,25 @@ def test_dropout_option_overrides_the_preset(tmp_path):
     assert read_config(tmp_path)["unet"]["dropout"] == 0.0
     with pytest.raises(InkwashError, match="--dropout"):
         train(TrainConfig(out=str(tmp_path / "bad"), preset="tiny", steps=1, dropout=1.0), show_progress=False)
+
+
+def test_cosine_lr_decays_by_the_end_of_a_time_limited_run(tmp_path):
+    # The demo trains for a time, not a step count: the cosine decay must follow the estimated last
+    # step, not the nominal --steps (which a time-limited run never reaches).
+    config = TrainConfig(
+        out=str(tmp_path),
+        preset="tiny",
+        steps=1_000_000,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=2,
+        lr_schedule="cosine",
+        time_limit=4.0,
+        log_every=1,
+        checkpoint_every=1_000_000,
+    )
+    result = train(config, data=load_digits(16, "train"), show_progress=False)
+    log = read_log(tmp_path / "log.csv")
+    assert result.steps < 1_000_000
+    assert max(log["lr"]) > 0.5 * config.lr
+    assert log["lr"][-1] < 0.2 * config.lr, log["lr"][-5:]

@@ -355,7 +355,7 @@ def _train(
                 step,
                 peak=config.lr,
                 warmup_steps=config.warmup_steps,
-                total_steps=config.steps,
+                total_steps=total_steps,  # a time-limited run decays to zero at its estimated last step
                 schedule=config.lr_schedule,
             )
             for group in optimizer.param_groups:
