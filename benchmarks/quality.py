@@ -9,6 +9,8 @@ and KID on the offline digits features beside the real-data floor, with the rati
 (below 1: inkwash's samples are closer to the data).
 
     python benchmarks/quality.py [--images 30000] [--num-samples 1000] [--ddpm-steps 100] [--json out.json]
+    python benchmarks/quality.py --seed 1 --json s1.json     # another training seed (data order, init, noise)
+    python benchmarks/quality.py --summarize s0.json s1.json s2.json   # mean over seeds, ratio of the means
 
 Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, learning rate, dropout);
 ``--ddpm-steps N`` also samples both with DDPM respaced to N steps, the demo's own sampler at N = 100.
@@ -119,6 +121,46 @@ def sample_diffusers(
     return torch.cat(chunks)
 
 
+def summarize(paths: list[str]) -> dict:
+    """Mean scores over runs with different seeds, and the ratio of the means inkwash / baseline.
+
+    One training run per side leaves the ratio at the mercy of each network's run-to-run spread;
+    the mean over seeds (each run's --json) says which side is ahead on average."""
+    runs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            runs.append(json.load(handle))
+    summary: dict = {"seeds": [run.get("seed") for run in runs], "sampling": {}}
+    floor = [run["sampling"][next(iter(run["sampling"]))]["inkwash"]["fid_floor"] for run in runs]
+    summary["fid_floor"] = sum(floor) / len(floor)
+    print(f"{len(runs)} runs (seeds {summary['seeds']}), {runs[0]['images_seen']} images seen each")
+    names = [name for name in runs[0]["sampling"] if all(name in run["sampling"] for run in runs)]
+    for name in names:
+        print(f"\n{name}: per seed inkwash / diffusers (ratio), then the means")
+        entry = {}
+        for key in ("fid", "kid"):
+            ours = [run["sampling"][name]["inkwash"][key] for run in runs]
+            theirs = [run["sampling"][name]["diffusers"][key] for run in runs]
+            per_seed = "  ".join(f"{a:.3f}/{b:.3f} ({a / b:.2f})" for a, b in zip(ours, theirs, strict=True))
+            mean_ours, mean_theirs = sum(ours) / len(ours), sum(theirs) / len(theirs)
+            entry[key] = {
+                "inkwash": ours,
+                "diffusers": theirs,
+                "mean_inkwash": mean_ours,
+                "mean_diffusers": mean_theirs,
+                "ratio_of_means": mean_ours / mean_theirs,
+                "wins": sum(a <= b for a, b in zip(ours, theirs, strict=True)),
+            }
+            print(
+                f"{key.upper():4s} {per_seed}   mean {mean_ours:.3f}/{mean_theirs:.3f} "
+                f"ratio {mean_ours / mean_theirs:.2f}, inkwash ahead in {entry[key]['wins']} of {len(runs)}"
+            )
+        entry["fid"]["mean_over_floor"] = entry["fid"]["mean_inkwash"] / summary["fid_floor"]
+        summary["sampling"][name] = entry
+    print(f"\nmean FID floor {summary['fid_floor']:.4f}")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=30_000, help="training images seen by each (default: 30000)")
@@ -145,7 +187,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--summarize", nargs="+", metavar="JSON", help="only summarize earlier runs' --json files over their seeds"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        summary = summarize(args.summarize)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump(summary, handle, indent=2)
+        return
 
     config = preset(args.preset)
     shape = (config.in_channels, config.image_size, config.image_size)
@@ -161,6 +212,7 @@ def main() -> None:
     )
     result = {
         "preset": args.preset,
+        "seed": args.seed,
         "images_seen": steps * args.batch_size,
         "steps": steps,
         "batch_size": args.batch_size,
