@@ -128,3 +128,31 @@ def test_cosine_lr_decays_by_the_end_of_a_time_limited_run(tmp_path):
     assert result.steps < 1_000_000
     assert max(log["lr"]) > 0.5 * config.lr
     assert log["lr"][-1] < 0.2 * config.lr, log["lr"][-5:]
+
+
+def test_adam_betas_reach_the_optimizer_and_follow_the_run_on_resume(tmp_path):
+    import json
+
+    import pytest
+    from safetensors import safe_open
+
+    from inkwash.errors import InkwashError
+
+    def saved_betas(step):
+        path = tmp_path / "checkpoints" / f"step_{step:08d}" / "optimizer.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            return [group["betas"] for group in json.loads(handle.metadata()["param_groups"])]
+
+    def config(steps, beta2, **extra):
+        return TrainConfig(
+            out=str(tmp_path), preset="tiny", steps=steps, batch_size=4, checkpoint_every=1, adam_beta2=beta2, **extra
+        )
+
+    data = load_digits(16, "train")
+    train(config(2, 0.99), data=data, show_progress=False)
+    assert saved_betas(2) == [[0.9, 0.99]]
+    # On resume the weights and moments come from the checkpoint, the settings from this run.
+    train(config(3, 0.95, resume="latest"), data=data, show_progress=False)
+    assert saved_betas(3) == [[0.9, 0.95]]
+    with pytest.raises(InkwashError, match="--adam-beta1"):
+        train(TrainConfig(out=str(tmp_path / "bad"), preset="tiny", steps=1, adam_beta1=1.0), show_progress=False)

@@ -67,6 +67,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     ema_decay: float = 0.999
     beta_schedule: str = "linear"
     prediction: str = "eps"
@@ -107,6 +109,8 @@ class TrainConfig:
             (self.grad_clip > 0, "gradient clip must be positive"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)"),
+            (0 <= self.adam_beta1 < 1, "--adam-beta1 must be in [0, 1)"),
+            (0 <= self.adam_beta2 < 1, "--adam-beta2 must be in [0, 1)"),
             (self.beta_schedule in BETA_SCHEDULES, f"beta schedule must be one of {', '.join(BETA_SCHEDULES)}"),
             (self.time_limit is None or self.time_limit > 0, "time limit must be positive"),
             (self.prediction in PREDICTIONS, f"prediction must be one of {', '.join(PREDICTIONS)}"),
@@ -148,12 +152,14 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             ema_buffer.copy_(buffer)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
     """AdamW, with the fused single-kernel update where this PyTorch build has it for the device."""
     try:
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
 
 
 class EpochSampler:
@@ -303,7 +309,7 @@ def _train(
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
     scaler = make_scaler(config.precision, device)
     batches = EpochSampler(len(data), config.batch_size * world.size, data_rng)
     step, counters = 0, {"nonfinite_total": 0, "nonfinite_streak": 0}
@@ -322,6 +328,8 @@ def _train(
                 f"images, this run has {len(data)}"
             )
         state = load_training_checkpoint(resume_from, model, ema, optimizer)
+        for group in optimizer.param_groups:  # the optimizer's settings are this run's, not the checkpoint's
+            group.update(weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2))
         step = state.step
         _restore_state(state, world, data_rng, noise_rng, batches, scaler)
         counters.update(state.counters)
