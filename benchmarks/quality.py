@@ -4,7 +4,8 @@ Trains the digits preset for a fixed budget of images seen, twice: with inkwash 
 with a diffusers ``UNet2DModel`` of the same layout (``throughput.diffusers_twin``) on
 ``DDPMScheduler`` noise, with the same data order, optimizer (AdamW), learning rate, warm-up, gradient
 clipping, batch size and EMA. Samples the EMA weights of each with 50-step DDIM (inkwash's sampler;
-diffusers' ``DDIMScheduler``), both with trailing timesteps and x0 clipped to [-1, 1], and reports FID
+diffusers' ``DDIMScheduler``), both with the same timesteps (``--ddim-spacing``, trailing by default) and
+x0 clipped to [-1, 1], and reports FID
 and KID on the offline digits features beside the real-data floor, with the ratio inkwash / baseline
 (below 1: inkwash's samples are closer to the data).
 
@@ -99,14 +100,15 @@ def sample_diffusers(
     sampler: str = "ddim",
     beta_schedule: str = "linear",
     batch_size: int = 250,
+    spacing: str = "trailing",
 ) -> torch.Tensor:
-    """DDIM (trailing timesteps, eta 0) or DDPM respaced to ``steps`` (leading), x0 clipped to [-1, 1]."""
+    """DDIM (eta 0, ``spacing`` timesteps) or DDPM respaced to ``steps`` (leading), x0 clipped to [-1, 1]."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     betas = DIFFUSERS_BETAS[beta_schedule]
     if sampler == "ddim":
         scheduler = DDIMScheduler(
-            num_train_timesteps=1000, beta_schedule=betas, clip_sample=True, timestep_spacing="trailing"
+            num_train_timesteps=1000, beta_schedule=betas, clip_sample=True, timestep_spacing=spacing
         )
     else:
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=betas, clip_sample=True)
@@ -179,6 +181,12 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument(
+        "--ddim-spacing",
+        default="trailing",
+        help="DDIM timesteps on both sides: trailing (starts at t = 999), leading (both libraries' default, "
+        "starts at 980 for 50 steps) or both, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
         "--ddpm-steps",
         type=int,
         default=0,
@@ -191,6 +199,9 @@ def main() -> None:
         "--summarize", nargs="+", metavar="JSON", help="only summarize earlier runs' --json files over their seeds"
     )
     args = parser.parse_args()
+    bad = set(args.ddim_spacing.split(",")) - {"leading", "trailing", "linspace"}
+    if bad:
+        parser.error(f"--ddim-spacing: unknown {', '.join(sorted(bad))}; use leading, trailing or linspace")
     if args.summarize:
         summary = summarize(args.summarize)
         if args.json:
@@ -206,8 +217,8 @@ def main() -> None:
     theirs, theirs_seconds = train_diffusers(args, data, steps)
     reference = load_reference("digits", shape)
     settings = MetricSettings(metrics=("fid", "kid"), seed=args.seed)
-    # DDIM with trailing timesteps (the same as the baseline's DDIMScheduler); DDPM respaced (leading) on both.
-    runs = [("ddim", args.sample_steps, "trailing")] + (
+    # DDIM with the same timesteps on both sides (trailing by default); DDPM respaced (leading) on both.
+    runs = [("ddim", args.sample_steps, spacing) for spacing in args.ddim_spacing.split(",")] + (
         [("ddpm", args.ddpm_steps, "leading")] if args.ddpm_steps else []
     )
     result = {
@@ -239,15 +250,15 @@ def main() -> None:
             show_progress=not args.quiet,
         )
         theirs_images = sample_diffusers(
-            theirs, shape, args.num_samples, sample_steps, args.seed, sampler, args.beta_schedule
+            theirs, shape, args.num_samples, sample_steps, args.seed, sampler, args.beta_schedule, spacing=schedule
         )
         ours_scores, counts = score_images(ours_images, reference, settings, show_progress=not args.quiet)
         theirs_scores, _ = score_images(theirs_images, reference, settings)
         ratio = {key: ours_scores[key] / theirs_scores[key] for key in ("fid", "kid")}
-        name = f"{sampler}_{sample_steps}"
+        name = f"{sampler}_{sample_steps}" + (f"_{schedule}" if sampler == "ddim" and schedule != "trailing" else "")
         result["sampling"][name] = {"inkwash": ours_scores, "diffusers": theirs_scores, "ratio": ratio}
         result["counts"] = counts
-        print(f"\n{sampler.upper()} {sample_steps} steps ({counts['reference']} reference images)")
+        print(f"\n{sampler.upper()} {sample_steps} {schedule} steps ({counts['reference']} reference images)")
         print(f"{'':6s} {'inkwash':>12s} {'diffusers':>12s} {'ratio':>7s} {'real-data floor':>16s} {'ink/floor':>9s}")
         for key in ("fid", "kid"):
             floor = ours_scores[key + "_floor"]
