@@ -13,8 +13,8 @@ and KID on the offline digits features beside the real-data floor, with the rati
     python benchmarks/quality.py --seed 1 --json s1.json     # another training seed (data order, init, noise)
     python benchmarks/quality.py --summarize s0.json s1.json s2.json   # mean over seeds, ratio of the means
 
-Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, learning rate, dropout);
-``--ddpm-steps N`` also samples both with DDPM respaced to N steps, the demo's own sampler at N = 100.
+Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas and
+Adam's beta2); ``--ddpm-steps N`` also samples both with DDPM respaced to N steps, the demo's own sampler at N = 100.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
             batch_size=args.batch_size,
             lr=args.lr,
             dropout=args.dropout,
+            adam_beta2=args.adam_beta2,
             beta_schedule=args.beta_schedule,
             warmup_steps=args.warmup_steps,
             ema_decay=args.ema_decay,
@@ -71,7 +72,7 @@ def train_diffusers(args, data, steps: int):
     model = diffusers_twin(preset(args.preset, dropout=args.dropout))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_BETAS[args.beta_schedule])
-    optimizer = make_optimizer(model, args.lr)
+    optimizer = make_optimizer(model, args.lr, betas=(0.9, args.adam_beta2))
     batches = EpochSampler(len(data), args.batch_size, generator)
     started = time.perf_counter()
     model.train()
@@ -172,6 +173,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=DEMO_RECIPE["lr"], help="(default: the demo's)")
     parser.add_argument("--dropout", type=float, default=DEMO_RECIPE["dropout"], help="(default: the demo's)")
     parser.add_argument(
+        "--adam-beta2", type=float, default=DEMO_RECIPE["adam_beta2"], help="AdamW's beta2 on both sides (the demo's)"
+    )
+    parser.add_argument(
         "--beta-schedule",
         default=DEMO_RECIPE["beta_schedule"],
         choices=sorted(DIFFUSERS_BETAS),
@@ -228,6 +232,7 @@ def main() -> None:
         "steps": steps,
         "batch_size": args.batch_size,
         "dropout": args.dropout,
+        "adam_beta2": args.adam_beta2,
         "beta_schedule": args.beta_schedule,
         "parameters": {"inkwash": count_parameters(ours.network), "diffusers": count_parameters(theirs)},
         "train_seconds": {"inkwash": round(ours_seconds, 1), "diffusers": round(theirs_seconds, 1)},
@@ -235,7 +240,8 @@ def main() -> None:
     }
     print(
         f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
-        f"{args.dropout:g}, {args.beta_schedule} betas); {args.num_samples} samples each, against the test half "
+        f"{args.dropout:g}, {args.beta_schedule} betas, Adam beta2 {args.adam_beta2:g}); {args.num_samples} samples "
+        "each, against the test half "
         "of digits; digits features"
     )
     for sampler, sample_steps, schedule in runs:
