@@ -5,9 +5,8 @@ with a diffusers ``UNet2DModel`` of the same layout (``throughput.diffusers_twin
 ``DDPMScheduler`` noise, with the same data order, optimizer (AdamW), learning rate, warm-up, gradient
 clipping, batch size and EMA. Samples the EMA weights of each with 50-step DDIM (inkwash's sampler;
 diffusers' ``DDIMScheduler``), both with the same timesteps (``--ddim-spacing``, trailing by default) and
-x0 clipped to [-1, 1], and reports FID
-and KID on the offline digits features beside the real-data floor, with the ratio inkwash / baseline
-(below 1: inkwash's samples are closer to the data).
+x0 clipped to [-1, 1], and reports FID and KID on the offline digits features beside the real-data floor,
+with the ratio inkwash / baseline (below 1: inkwash's samples are closer to the data).
 
     python benchmarks/quality.py [--images 30000] [--num-samples 1000] [--ddpm-steps 100] [--json out.json]
     python benchmarks/quality.py --seed 1 --json s1.json     # another training seed (data order, init, noise)
@@ -72,7 +71,7 @@ def train_diffusers(args, data, steps: int):
     model = diffusers_twin(preset(args.preset, dropout=args.dropout))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_BETAS[args.beta_schedule])
-    optimizer = make_optimizer(model, args.lr, betas=(0.9, args.adam_beta2))
+    optimizer = make_optimizer(model, args.lr, betas=(TrainConfig.adam_beta1, args.adam_beta2))  # as inkwash's
     batches = EpochSampler(len(data), args.batch_size, generator)
     started = time.perf_counter()
     model.train()
@@ -241,8 +240,7 @@ def main() -> None:
     print(
         f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
         f"{args.dropout:g}, {args.beta_schedule} betas, Adam beta2 {args.adam_beta2:g}); {args.num_samples} samples "
-        "each, against the test half "
-        "of digits; digits features"
+        "each, against the test half of digits; digits features"
     )
     for sampler, sample_steps, schedule in runs:
         ours_images = sample_images(

@@ -1,6 +1,11 @@
+import json
+
+import pytest
 import torch
+from safetensors import safe_open
 
 from inkwash.data import load_digits
+from inkwash.errors import InkwashError
 from inkwash.pictures import read_log
 from inkwash.train import EpochSampler, TrainConfig, diffusion_loss, train
 
@@ -131,13 +136,6 @@ def test_cosine_lr_decays_by_the_end_of_a_time_limited_run(tmp_path):
 
 
 def test_adam_betas_reach_the_optimizer_and_follow_the_run_on_resume(tmp_path):
-    import json
-
-    import pytest
-    from safetensors import safe_open
-
-    from inkwash.errors import InkwashError
-
     def saved_betas(step):
         path = tmp_path / "checkpoints" / f"step_{step:08d}" / "optimizer.safetensors"
         with safe_open(str(path), "pt") as handle:

@@ -156,10 +156,11 @@ def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)
 ) -> torch.optim.AdamW:
     """AdamW, with the fused single-kernel update where this PyTorch build has it for the device."""
+    settings = {"lr": lr, "weight_decay": weight_decay, "betas": betas}
     try:
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
+        return torch.optim.AdamW(model.parameters(), **settings, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+        return torch.optim.AdamW(model.parameters(), **settings)
 
 
 class EpochSampler:
