@@ -12,8 +12,9 @@ with the ratio inkwash / baseline (below 1: inkwash's samples are closer to the 
     python benchmarks/quality.py --seed 1 --json s1.json     # another training seed (data order, init, noise)
     python benchmarks/quality.py --summarize s0.json s1.json s2.json   # mean over seeds, ratio of the means
 
-Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas and
-Adam's beta2); ``--ddpm-steps N`` also samples both with DDPM respaced to N steps, the demo's own sampler at N = 100.
+Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas,
+Adam's beta2 and the Min-SNR loss weighting); ``--ddpm-steps N`` also samples both with DDPM respaced to N
+steps, the demo's own sampler at N = 100.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from inkwash.checkpoint import load_model
 from inkwash.data import load_digits
 from inkwash.demo import DEMO_RECIPE
 from inkwash.denoiser import ModelDenoiser
 from inkwash.evaluate import MetricSettings, sample_images, score_images
+from inkwash.objectives import min_snr_weight
 from inkwash.reference import load_reference
 from inkwash.train import EpochSampler, TrainConfig, ema_update, make_optimizer, train
 from inkwash.unet import count_parameters, preset
@@ -51,6 +52,7 @@ def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
             lr=args.lr,
             dropout=args.dropout,
             adam_beta2=args.adam_beta2,
+            min_snr_gamma=args.min_snr_gamma,
             beta_schedule=args.beta_schedule,
             warmup_steps=args.warmup_steps,
             ema_decay=args.ema_decay,
@@ -81,7 +83,13 @@ def train_diffusers(args, data, steps: int):
         x0 = data.images[batches.next()]  # (B, C, H, W)
         t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        per_sample = (model(scheduler.add_noise(x0, noise, t), t).sample - noise).pow(2).flatten(1).mean(1)
+        if args.min_snr_gamma is None:
+            loss = per_sample.mean()
+        else:  # the same Min-SNR weighting as diffusers' own training examples (--snr_gamma)
+            alpha_bar = scheduler.alphas_cumprod[t].double()
+            weight = min_snr_weight(alpha_bar / (1 - alpha_bar), args.min_snr_gamma, "eps")
+            loss = (per_sample * weight.float()).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -175,6 +183,12 @@ def main() -> None:
         "--adam-beta2", type=float, default=DEMO_RECIPE["adam_beta2"], help="AdamW's beta2 on both sides (the demo's)"
     )
     parser.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=DEMO_RECIPE["min_snr_gamma"],
+        help="Min-SNR-gamma loss weighting on both sides (default: the demo's); 0 turns it off",
+    )
+    parser.add_argument(
         "--beta-schedule",
         default=DEMO_RECIPE["beta_schedule"],
         choices=sorted(DIFFUSERS_BETAS),
@@ -202,6 +216,9 @@ def main() -> None:
         "--summarize", nargs="+", metavar="JSON", help="only summarize earlier runs' --json files over their seeds"
     )
     args = parser.parse_args()
+    if args.min_snr_gamma is not None and args.min_snr_gamma < 0:
+        parser.error("--min-snr-gamma must be positive, or 0 for no weighting")
+    args.min_snr_gamma = args.min_snr_gamma or None
     bad = set(args.ddim_spacing.split(",")) - {"leading", "trailing", "linspace"}
     if bad:
         parser.error(f"--ddim-spacing: unknown {', '.join(sorted(bad))}; use leading, trailing or linspace")
@@ -232,6 +249,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "dropout": args.dropout,
         "adam_beta2": args.adam_beta2,
+        "min_snr_gamma": args.min_snr_gamma,
         "beta_schedule": args.beta_schedule,
         "parameters": {"inkwash": count_parameters(ours.network), "diffusers": count_parameters(theirs)},
         "train_seconds": {"inkwash": round(ours_seconds, 1), "diffusers": round(theirs_seconds, 1)},
@@ -239,8 +257,8 @@ def main() -> None:
     }
     print(
         f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
-        f"{args.dropout:g}, {args.beta_schedule} betas, Adam beta2 {args.adam_beta2:g}); {args.num_samples} samples "
-        "each, against the test half of digits; digits features"
+        f"{args.dropout:g}, {args.beta_schedule} betas, Adam beta2 {args.adam_beta2:g}, Min-SNR gamma "
+        f"{args.min_snr_gamma}); {args.num_samples} samples each, against the test half of digits; digits features"
     )
     for sampler, sample_steps, schedule in runs:
         ours_images = sample_images(
