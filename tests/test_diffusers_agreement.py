@@ -33,7 +33,7 @@ import pytest
 import torch
 from torch import nn
 
-from inkwash.denoiser import ModelDenoiser
+from inkwash.denoiser import ClampedDenoiser, ModelDenoiser
 from inkwash.samplers import SAMPLERS
 from inkwash.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.steps import build_sigmas, timesteps_for
@@ -160,11 +160,12 @@ def _inkwash_states(
     vp: bool,
     net: nn.Module | None = None,
     denoised: list | None = None,
+    wrap: Callable | None = None,
     **kwargs,
 ) -> list[torch.Tensor]:
     """inkwash's sampler; the state at the start of each step (from the callback), then the result,
     converted to the VP state ``x / sqrt(1 + sigma^2)`` when ``vp``. Each step's data prediction
-    is appended to ``denoised`` when it is given."""
+    is appended to ``denoised`` when it is given; ``wrap`` wraps the model denoiser (e.g. to clip it)."""
     states = []
 
     def to_space(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -176,6 +177,8 @@ def _inkwash_states(
             denoised.append(info["denoised"])
 
     denoiser = ModelDenoiser(net if net is not None else FakeEps(schedule), schedule)
+    if wrap is not None:
+        denoiser = wrap(denoiser)
     out = SAMPLERS[sampler].fn(denoiser, x_ve, sigmas.double(), callback=callback, **kwargs)
     return [*states, to_space(out, float(sigmas[-1]))]
 
@@ -233,6 +236,38 @@ def _ddim_to_sigma_min():
     x = _initial()
     expected = _diffusers_states(sched, FakeEps(LINEAR), x, eta=1.0, generator=_generator(1))
     got = _inkwash_states("ddim", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, noise=_noise(1), eta=1.0)
+    return expected, got
+
+
+CLIP = 0.5  # FakeEps's x0 estimates often leave [-0.5, 0.5], so the clip acts at every step
+
+
+def _clipped_ddpm():
+    """DDPMScheduler(clip_sample=True): the posterior mean from the clipped x0 and x_t, which is
+    what any inkwash sampler does with a denoiser that clips its own output."""
+    sched = _scheduler(DDPMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP)
+    _set_timesteps(sched, 20)
+    sigmas = build_sigmas(LINEAR, 20, "leading")
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x, generator=_generator(1))
+    wrap = lambda d: ClampedDenoiser(d, -CLIP, CLIP)  # noqa: E731
+    got = _inkwash_states("ddpm", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, noise=_noise(1), wrap=wrap)
+    return expected, got
+
+
+def _clipped_ddim(eta: float, *, use_clipped_model_output: bool = False):
+    """DDIMScheduler(clip_sample=True). By default diffusers keeps the network's noise estimate
+    (inkwash's ``clip_range``); with ``use_clipped_model_output`` it re-derives the noise from the
+    clipped x0, which is inkwash's DDIM on a clipping denoiser."""
+    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP, set_alpha_to_one=True)
+    _set_timesteps(sched, 20)
+    sigmas = build_sigmas(LINEAR, 20, "leading")
+    x = _initial()
+    expected = _diffusers_states(
+        sched, FakeEps(LINEAR), x, eta=eta, generator=_generator(1), use_clipped_model_output=use_clipped_model_output
+    )
+    options = {"wrap": lambda d: ClampedDenoiser(d, -CLIP, CLIP)} if use_clipped_model_output else {"clip_range": CLIP}
+    got = _inkwash_states("ddim", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, noise=_noise(1), eta=eta, **options)
     return expected, got
 
 
@@ -355,6 +390,13 @@ CASES = {
     "ddim eta=0": (lambda: _ddim(0.0), 1e-12),
     "ddim eta=1": (lambda: _ddim(1.0), 1e-12),
     "ddim eta=1 to sigma_min": (_ddim_to_sigma_min, 1e-12),
+    "ddpm clip_sample": (_clipped_ddpm, 1e-12),
+    "ddim eta=0 clip_sample": (lambda: _clipped_ddim(0.0), 1e-12),
+    "ddim eta=1 clip_sample": (lambda: _clipped_ddim(1.0), 1e-12),
+    "ddim eta=0 clip_sample, use_clipped_model_output": (
+        lambda: _clipped_ddim(0.0, use_clipped_model_output=True),
+        1e-12,
+    ),
     "plms (pndm skip_prk_steps)": (lambda: _plms(False), 1e-12),
     "plms to sigma_min": (lambda: _plms(True), 1e-12),
     "euler leading": (lambda: _euler(False), 2e-6),
@@ -390,6 +432,21 @@ def test_harness_detects_a_network_timestep_off_by_one():
     expected = _diffusers_states(sched, FakeEps(LINEAR), x)
     got = _inkwash_states("ddim", LINEAR, _ve(x, sigmas[0]), sigmas, vp=True, net=FakeEps(LINEAR, t_shift=1.0))
     assert _max_rel_err(expected, got) > 1e-4
+
+
+def test_the_two_clipping_conventions_of_ddim_differ():
+    """The clip matters here, and the two ways of using the clipped x0 give different states: diffusers'
+    default (keep the network's noise) is far from inkwash's DDIM on a clipping denoiser."""
+    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP, set_alpha_to_one=True)
+    _set_timesteps(sched, 20)
+    sigmas = build_sigmas(LINEAR, 20, "leading")
+    x = _initial()
+    expected = _diffusers_states(sched, FakeEps(LINEAR), x)
+    x_ve = _ve(x, sigmas[0])
+    rederived = _inkwash_states("ddim", LINEAR, x_ve, sigmas, vp=True, wrap=lambda d: ClampedDenoiser(d, -CLIP, CLIP))
+    unclipped = _inkwash_states("ddim", LINEAR, x_ve, sigmas, vp=True)
+    assert _max_rel_err(expected, rederived) > 1e-3
+    assert _max_rel_err(expected, unclipped) > 1e-3
 
 
 # ---- schedules --------------------------------------------------------------------------------------

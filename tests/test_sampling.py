@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from inkwash.rng import SampleRNG, sample_seeds
@@ -59,3 +60,31 @@ def test_trajectory_is_recorded(tiny_denoiser):
         round(v, 6) for v in build_sigmas(NoiseSchedule(), 6)[[0, 3, 5]].tolist()
     ]
     assert result.trajectory[0][1].shape == (5, 1, 16, 16)
+
+
+def _overshooting(x, sigma, cond=None):
+    """A denoiser whose x0 estimates leave [-1, 1]: 1.6 tanh of the variance-preserving state shifted by
+    one pixel, so that each pixel's estimate depends on another pixel's state."""
+    return 1.6 * torch.tanh(x.roll(1, dims=-1) / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt())
+
+
+def test_clipping_ddim_keeps_the_networks_noise_as_diffusers_does():
+    """generate(clip_denoised=True) with DDIM clips x0 in the sampler (clip_range) and steps along the
+    unclipped estimate's noise; DDPM and the others get a clipping denoiser."""
+    from inkwash.denoiser import ClampedDenoiser
+    from inkwash.samplers import sample_ddim
+
+    sigmas = build_sigmas(NoiseSchedule(), 6)
+    clipped = _generate(_overshooting, "ddim", 5, clip_denoised=True, record=range(6))
+    raw = _generate(_overshooting, "ddim", 5, record=range(6))
+    rederived = _generate(ClampedDenoiser(_overshooting), "ddim", 5)
+    assert max(d.abs().max().item() for _, _, d in raw.trajectory) > 1.5  # the clip acts
+    assert max(d.abs().max().item() for _, _, d in clipped.trajectory) <= 1.0  # and is what is reported
+    first = clipped.trajectory[0][1]
+    direct = sample_ddim(_overshooting, first, sigmas, clip_range=1.0)
+    torch.testing.assert_close(clipped.images, direct.clamp(-1, 1))
+    assert (clipped.images - rederived.images).abs().max() > 1e-2  # the other convention differs
+    ddpm = _generate(_overshooting, "ddpm", 5, clip_denoised=True)
+    assert torch.equal(ddpm.images, _generate(ClampedDenoiser(_overshooting), "ddpm", 5).images)
+    with pytest.raises(ValueError, match="clip_range"):
+        sample_ddim(_overshooting, first, sigmas, clip_range=0.0)

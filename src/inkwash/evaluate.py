@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_text, load_model
-from .denoiser import ClampedDenoiser, ModelDenoiser
+from .denoiser import ModelDenoiser
 from .errors import InkwashError
 from .features import default_features, get_extractor
 from .likelihood import bits_per_dim
@@ -155,7 +155,7 @@ def sample_images(
         raise InkwashError(f"--steps must be at most {denoiser.schedule.num_steps}, got {steps}")
     sigmas = build_sigmas(denoiser.schedule, steps, schedule or info.default_schedule)
     result = generate(
-        ClampedDenoiser(denoiser) if clip_denoised else denoiser,
+        denoiser,
         tuple(image_shape),
         sigmas,
         sampler=info.id,
@@ -164,6 +164,7 @@ def sample_images(
         seed=seed,
         sampler_options=sampler_options(info.id, eta=eta),
         show_progress=show_progress,
+        clip_denoised=clip_denoised,
     )
     return result.images
 

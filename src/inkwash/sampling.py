@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +86,8 @@ def generate(
     it depends only on its seed and label. ``guidance_scale`` w != 1 applies classifier-free guidance
     (``guidance.GuidedDenoiser``) and needs ``null_label``, the model's "no class" index
     (``UNetConfig.num_classes``). ``clip_denoised`` clips each denoised estimate to [-1, 1] after
-    guidance, as diffusers' ``clip_sample`` and Imagen's static thresholding do.
+    guidance, as diffusers' ``clip_sample`` and Imagen's static thresholding do. DDIM steps along the
+    network's own noise estimate from the clipped x0, as diffusers' DDIM does (``sample_ddim``'s ``clip_range``).
     """
     if mask is not None and init is None:
         raise ValueError("inpainting needs an init image")
@@ -100,7 +102,9 @@ def generate(
     model_denoiser: Denoiser = counter
     if guidance_scale != 1.0:
         model_denoiser = GuidedDenoiser(model_denoiser, guidance_scale, null_label)
-    if clip_denoised:
+    if clip_denoised and "clip_range" in inspect.signature(info.fn).parameters:
+        options["clip_range"] = 1.0  # DDIM clips x0 itself and keeps the network's noise, as diffusers does
+    elif clip_denoised:
         model_denoiser = ClampedDenoiser(model_denoiser)
     chunks: list[torch.Tensor] = []
     trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = []

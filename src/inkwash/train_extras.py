@@ -104,12 +104,12 @@ class TrainingPictures:
     @torch.no_grad()
     def sample_grid(self, ema: nn.Module, step: int) -> Path:
         """DDIM over 25 trailing steps from the EMA weights; one row per class for conditional models."""
-        from .denoiser import ClampedDenoiser, ModelDenoiser
+        from .denoiser import ModelDenoiser
         from .sampling import generate
         from .steps import build_sigmas
 
         device = next(ema.parameters()).device
-        denoiser = ClampedDenoiser(ModelDenoiser(ema, self.schedule, self.config.prediction))
+        denoiser = ModelDenoiser(ema, self.schedule, self.config.prediction)
         labels = None
         count, nrow = GRID_IMAGES, None
         if self.num_classes:
@@ -127,6 +127,7 @@ class TrainingPictures:
             device=device,
             show_progress=False,
             labels=labels,
+            clip_denoised=True,
         )
         path = self.run_dir / SAMPLES_DIR / f"step_{step:08d}.png"
         image = sample_grid(result.images, nrow=nrow)

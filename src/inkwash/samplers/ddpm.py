@@ -56,18 +56,28 @@ def sample_ddim(
     callback: Callback | None = None,
     cond: torch.Tensor | None = None,
     eta: float = 0.0,
+    clip_range: float | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta; eta = 1 is DDPM's posterior."""
+    """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta; eta = 1 is DDPM's posterior.
+
+    ``clip_range`` r clips the predicted x0 to [-r, r] but keeps the network's own noise estimate
+    for the direction to x_t, as diffusers' ``DDIMScheduler(clip_sample=True)`` does by default
+    (``use_clipped_model_output=False``). A denoiser that clips its own output instead (``ClampedDenoiser``)
+    gives the noise re-derived from the clipped x0 (guided-diffusion's DDIM), which pushes what the clip
+    removed back into x_t; see the README's *Evaluation* for what that costs in FID."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range must be positive, got {clip_range}")
     noise = noise_fn(noise, x)
     values = sigmas.tolist()
     for i in range(len(values) - 1):
         sigma, sigma_next = values[i], values[i + 1]
-        denoised = denoise(denoiser, x, sigma, cond)
+        raw = denoise(denoiser, x, sigma, cond)
+        denoised = raw if clip_range is None else raw.clamp(-clip_range, clip_range)
         report(callback, i, x, sigma, sigma_next, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        eps = (x - denoised) / sigma
+        eps = (x - raw) / sigma
         x = denoised + sigma_down * eps
         if sigma_up > 0:
             x = x + sigma_up * noise()
