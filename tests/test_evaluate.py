@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+import inkwash.evaluate as evaluate_module
 from inkwash.cli import main
 from inkwash.data import load_digits, to_uint8
-from inkwash.evaluate import MetricSettings, periodic_eval, score_images
+from inkwash.evaluate import MetricSettings, class_prior_labels, periodic_eval, score_images
 from inkwash.features import get_extractor
 from inkwash.reference import load_reference, reference_features, split_indices
 from inkwash.train import TrainConfig, train
@@ -126,6 +127,8 @@ GOOD = ["--samples", "good.npz", "--reference", "digits"]
         (["--samples", "missing.npz", "--reference", "digits"], 1, "not found"),
         (["--samples", "floats.npz", "--reference", "digits"], 1, "must be uint8"),
         (["--checkpoint", "no_run", "--reference", "digits"], 1, "checkpoint directory not found"),
+        ([*GOOD, "--guidance-scale", "2"], 1, "--guidance-scale applies to --checkpoint"),
+        ([*GOOD, "--guidance-scale", "-1"], 2, "--guidance-scale"),
     ],
 )
 def test_eval_bad_options_are_one_line_errors(args, status, fragment, tmp_path, monkeypatch, capsys):
@@ -154,6 +157,56 @@ def test_eval_of_a_checkpoint_includes_bits_per_dim(feature_cache, tmp_path, mon
     assert report["counts"]["nll_images"] == 8 and report["counts"]["samples"] == 8
     # An untrained network is far worse than the 8 bits/dim of uniform noise on 256 levels.
     assert report["scores"]["nll_bpd"] > 8
+
+
+def test_class_prior_labels_follow_the_training_frequencies():
+    labels = class_prior_labels(3, [700, 200, 100], 20_000, seed=5)
+    assert labels.shape == (20_000,) and labels.dtype == torch.long
+    share = torch.bincount(labels, minlength=3).double() / 20_000
+    assert torch.allclose(share, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), atol=0.015)
+    assert torch.equal(labels, class_prior_labels(3, [700, 200, 100], 20_000, seed=5))  # the seed fixes them
+    assert not torch.equal(labels, class_prior_labels(3, [700, 200, 100], 20_000, seed=6))
+    uniform = torch.bincount(class_prior_labels(4, None, 20_000), minlength=4).double() / 20_000  # unknown counts
+    assert torch.allclose(uniform, torch.full((4,), 0.25, dtype=torch.float64), atol=0.015)
+    assert torch.bincount(class_prior_labels(3, [0, 5, 0], 50), minlength=3).tolist() == [0, 50, 0]
+
+
+def test_eval_of_a_class_conditional_checkpoint_draws_labels_from_its_class_counts(
+    feature_cache, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("INKWASH_CACHE", str(feature_cache))
+    run = tmp_path / "run"
+    config = TrainConfig(
+        data="digits", out=str(run), preset="tiny", steps=2, batch_size=4, checkpoint_every=2, class_cond=True
+    )
+    train(config, show_progress=False)
+    saved = json.loads((run / "checkpoints" / "step_00000002" / "config.json").read_text())
+    train_labels = load_digits(16, "train").labels
+    assert saved["data"]["class_counts"] == torch.bincount(train_labels, minlength=10).tolist()
+    seen = {}
+    real_generate = evaluate_module.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate", spy)
+    args = ["--reference", "digits", "--metrics", "fid", "--num-samples", "12", "--steps", "2", "--seed", "3"]
+    status, out, err = run_main(["eval", "--checkpoint", str(run), *args, "--guidance-scale", "2"], capsys)
+    assert status == 0, err
+    assert "FID" in out
+    expected = class_prior_labels(10, saved["data"]["class_counts"], 12, seed=3)
+    assert torch.equal(seen["labels"], expected)
+    assert seen["guidance_scale"] == 2.0 and seen["null_label"] == 10  # the model's "no class" index
+
+
+def test_eval_rejects_guidance_for_an_unconditional_checkpoint(feature_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INKWASH_CACHE", str(feature_cache))
+    run = tmp_path / "run"
+    train(TrainConfig(data="digits", out=str(run), preset="tiny", steps=1, batch_size=4), show_progress=False)
+    args = ["--reference", "digits", "--num-samples", "4", "--steps", "2", "--guidance-scale", "3"]
+    status, _, err = run_main(["eval", "--checkpoint", str(run), *args], capsys)
+    assert status == 1 and "needs a class-conditional checkpoint" in err and "Traceback" not in err
 
 
 def test_periodic_eval_returns_flat_scores_and_restores_the_mode(tiny_denoiser, feature_cache):

@@ -155,6 +155,27 @@ def test_eval_every_logs_scores_and_plots_them(tmp_path, digits, feature_cache, 
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_eval_every_scores_a_class_conditional_model_on_labels_from_the_class_prior(
+    tmp_path, digits, feature_cache, monkeypatch
+):
+    import inkwash.evaluate as evaluate_module
+    from inkwash.evaluate import class_prior_labels
+
+    monkeypatch.setenv("INKWASH_CACHE", str(feature_cache))
+    seen = []
+    real = evaluate_module.periodic_eval
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["labels"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "periodic_eval", spy)
+    config = tiny(tmp_path, steps=2, eval_every=2, eval_metrics="swd", eval_samples=16, class_cond=True, seed=4)
+    train(config, data=digits, show_progress=False)
+    counts = torch.bincount(digits.labels, minlength=10).tolist()
+    assert len(seen) == 1 and torch.equal(seen[0], class_prior_labels(10, counts, 16, seed=4))
+
+
 def test_channels_last_trains_like_the_default_layout(tmp_path, digits):
     losses = {}
     for name, channels_last in (("default", False), ("channels_last", True)):

@@ -459,6 +459,13 @@ def build_parser() -> Parser:
         default=100,
         help="KL terms of the bound per image, stratified; 999 or more sums all of them (default: %(default)s)",
     )
+    evaluate.add_argument(
+        "--guidance-scale",
+        type=_nonneg_float,
+        default=1.0,
+        help="classifier-free guidance for a class-conditional --checkpoint, whose labels are drawn from its "
+        "training class frequencies (default: %(default)s, plain conditional sampling)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -667,6 +674,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         use_ema=not args.no_ema,
         nll_terms=args.nll_terms,
+        guidance_scale=args.guidance_scale,
         json=args.json,
     )
     print(format_table(run_eval(options)))

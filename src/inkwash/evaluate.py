@@ -147,9 +147,18 @@ def sample_images(
     batch_size: int = 250,
     clip_denoised: bool = True,
     show_progress: bool = False,
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``num_samples`` images (N, C, H, W) from a model denoiser, as ``inkwash sample`` draws them."""
+    """``num_samples`` images (N, C, H, W) from a model denoiser, as ``inkwash sample`` draws them.
+
+    ``labels`` (N,) condition a class-conditional model (see ``class_prior_labels``); with them,
+    ``guidance_scale`` != 1 applies classifier-free guidance against the model's "no class" index.
+    """
     info = get_sampler(sampler)
+    num_classes = int(getattr(getattr(denoiser.network, "config", None), "num_classes", 0) or 0)
+    if guidance_scale != 1.0 and (labels is None or num_classes == 0):
+        raise InkwashError("--guidance-scale needs a class-conditional checkpoint (train with --class-cond)")
     steps = steps or DEFAULT_STEPS.get(info.id, 50)
     if steps > denoiser.schedule.num_steps:
         raise InkwashError(f"--steps must be at most {denoiser.schedule.num_steps}, got {steps}")
@@ -165,8 +174,25 @@ def sample_images(
         sampler_options=sampler_options(info.id, eta=eta),
         show_progress=show_progress,
         clip_denoised=clip_denoised,
+        labels=labels,
+        guidance_scale=guidance_scale,
+        null_label=num_classes if labels is not None and num_classes > 0 else None,
     )
     return result.images
+
+
+def class_prior_labels(num_classes: int, counts: Sequence[int] | None, num_samples: int, seed: int = 0) -> torch.Tensor:
+    """(N,) class labels drawn i.i.d. from the training set's class frequencies ``counts`` (uniform
+    when they are unknown), with a fixed seed: a class-conditional model then samples p(x) =
+    sum_y p(y) p(x | y), the distribution an unconditional model is scored on."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    if counts is None or len(counts) != num_classes or sum(counts) <= 0:
+        weights = torch.ones(num_classes, dtype=torch.float64)
+    else:
+        weights = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(weights / weights.sum(), num_samples, replacement=True, generator=generator)
 
 
 def periodic_eval(
@@ -182,8 +208,10 @@ def periodic_eval(
     batch_size: int = 250,
     features: str | None = None,
     cache: str | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Sample ``num_samples`` images from the model and score them; the trainer's ``--eval-every`` hook.
+    ``labels`` (N,) condition a class-conditional model (see ``class_prior_labels``).
 
     ``reference`` is ``digits``, a folder, an .npz, or a loaded ``Reference`` (pass one to avoid
     reloading a folder each time; features are cached on disk either way). Returns the flat scores,
@@ -199,7 +227,14 @@ def periodic_eval(
     model_denoiser.eval()
     try:
         images = sample_images(
-            model_denoiser, image_shape, num_samples, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size
+            model_denoiser,
+            image_shape,
+            num_samples,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            labels=labels,
         )
         scores, _ = score_images(images, reference, settings, denoiser=model_denoiser)
     finally:
@@ -226,6 +261,7 @@ class EvalOptions:
     batch_size: int = 250
     use_ema: bool = True
     nll_terms: int | None = 100
+    guidance_scale: float = 1.0  # classifier-free guidance for a class-conditional checkpoint
     json: str | None = None
     show_progress: bool = True
 
@@ -284,6 +320,8 @@ def run_eval(options: EvalOptions) -> EvalReport:
     settings.validate()
     if (options.samples is None) == (options.checkpoint is None):
         raise InkwashError("give exactly one of --samples and --checkpoint")
+    if options.guidance_scale != 1.0 and options.checkpoint is None:
+        raise InkwashError("--guidance-scale applies to --checkpoint sampling, not to --samples")
     if options.json is not None and Path(options.json).is_dir():
         raise InkwashError(f"--json must be a file name, got a directory: {options.json}")
     denoiser = None
@@ -295,10 +333,19 @@ def run_eval(options: EvalOptions) -> EvalReport:
     else:
         model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
         denoiser = ModelDenoiser(model, schedule, config.get("prediction", "eps"))
+        num_samples = options.num_samples or 1000
+        num_classes = int(config["unet"].get("num_classes", 0))
+        # A class-conditional model is scored on labels drawn from its training class frequencies.
+        labels = None
+        if num_classes > 0:
+            counts = (config.get("data") or {}).get("class_counts")
+            labels = class_prior_labels(num_classes, counts, num_samples, options.seed)
         images = sample_images(
             denoiser,
             config["data"]["shape"],
-            options.num_samples or 1000,
+            num_samples,
+            labels=labels,
+            guidance_scale=options.guidance_scale,
             sampler=options.sampler,
             steps=options.steps,
             schedule=options.schedule,

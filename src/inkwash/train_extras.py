@@ -65,6 +65,9 @@ class TrainingPictures:
         self.config, self.run_dir, self.schedule = config, run_dir, schedule
         self.shape = (unet_config.in_channels, unet_config.image_size, unet_config.image_size)
         self.num_classes = unet_config.num_classes
+        self.class_counts = None
+        if unet_config.num_classes > 0 and data.labels is not None:
+            self.class_counts = torch.bincount(data.labels.long(), minlength=unet_config.num_classes).tolist()
         self.writer = None
         self.reference = None
         if config.tensorboard:
@@ -79,7 +82,7 @@ class TrainingPictures:
     def evaluate(self, ema: nn.Module, step: int) -> dict[str, float]:
         """Score the EMA model against the reference data (``--eval-every``); the scores become log columns."""
         from .denoiser import ModelDenoiser
-        from .evaluate import periodic_eval
+        from .evaluate import class_prior_labels, periodic_eval
         from .reference import load_reference
 
         config = self.config
@@ -90,7 +93,12 @@ class TrainingPictures:
             self.reference = load_reference(spec, self.shape)
         metrics = [name.strip() for name in config.eval_metrics.split(",") if name.strip()]
         denoiser = ModelDenoiser(ema, self.schedule, config.prediction)
-        return periodic_eval(denoiser, self.shape, self.reference, metrics, config.eval_samples, seed=config.seed)
+        labels = None
+        if self.num_classes > 0:  # a class-conditional model is scored on labels drawn from the class prior
+            labels = class_prior_labels(self.num_classes, self.class_counts, config.eval_samples, config.seed)
+        return periodic_eval(
+            denoiser, self.shape, self.reference, metrics, config.eval_samples, seed=config.seed, labels=labels
+        )
 
     def log_scalars(self, step: int, loss: float, lr: float, extra: dict[str, float] | None = None) -> None:
         if self.writer is None:
