@@ -169,6 +169,8 @@ def test_class_prior_labels_follow_the_training_frequencies():
     uniform = torch.bincount(class_prior_labels(4, None, 20_000), minlength=4).double() / 20_000  # unknown counts
     assert torch.allclose(uniform, torch.full((4,), 0.25, dtype=torch.float64), atol=0.015)
     assert torch.bincount(class_prior_labels(3, [0, 5, 0], 50), minlength=3).tolist() == [0, 50, 0]
+    for broken in ([5, -1, 2], [0, 0, 0], [1, 2]):  # a hand-edited config: fall back to uniform
+        assert set(class_prior_labels(3, broken, 300).tolist()) == {0, 1, 2}
 
 
 def test_eval_of_a_class_conditional_checkpoint_draws_labels_from_its_class_counts(

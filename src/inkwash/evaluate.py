@@ -187,7 +187,7 @@ def class_prior_labels(num_classes: int, counts: Sequence[int] | None, num_sampl
     sum_y p(y) p(x | y), the distribution an unconditional model is scored on."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    if counts is None or len(counts) != num_classes or sum(counts) <= 0:
+    if counts is None or len(counts) != num_classes or min(counts) < 0 or sum(counts) <= 0:
         weights = torch.ones(num_classes, dtype=torch.float64)
     else:
         weights = torch.tensor([float(c) for c in counts], dtype=torch.float64)
