@@ -49,6 +49,12 @@ class ImageData:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
+    def class_counts(self) -> list[int] | None:
+        """Images per class index (None for unlabeled data): the class prior inkwash eval draws from."""
+        if self.labels is None or not self.class_names:
+            return None
+        return torch.bincount(self.labels.long(), minlength=len(self.class_names)).tolist()
+
 
 def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""

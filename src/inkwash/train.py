@@ -189,13 +189,6 @@ def noise_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + 7919 * (rank + 1)) % (1 << 63)
 
 
-def class_counts(data: ImageData) -> list[int] | None:
-    """Images per class index (None for unlabeled data)."""
-    if data.labels is None or not data.class_names:
-        return None
-    return torch.bincount(data.labels.long(), minlength=len(data.class_names)).tolist()
-
-
 def run_config(config: TrainConfig, unet_config: UNetConfig, schedule: NoiseSchedule, data: ImageData, step: int):
     return {
         "unet": unet_config.to_dict(),
@@ -206,8 +199,7 @@ def run_config(config: TrainConfig, unet_config: UNetConfig, schedule: NoiseSche
             "shape": list(data.shape),
             "num_images": len(data),
             "class_names": data.class_names,
-            # per-class image counts, the class prior that inkwash eval draws labels from
-            "class_counts": class_counts(data),
+            "class_counts": data.class_counts(),
         },
         "train": asdict(config),
         "step": step,

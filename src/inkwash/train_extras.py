@@ -65,9 +65,7 @@ class TrainingPictures:
         self.config, self.run_dir, self.schedule = config, run_dir, schedule
         self.shape = (unet_config.in_channels, unet_config.image_size, unet_config.image_size)
         self.num_classes = unet_config.num_classes
-        self.class_counts = None
-        if unet_config.num_classes > 0 and data.labels is not None:
-            self.class_counts = torch.bincount(data.labels.long(), minlength=unet_config.num_classes).tolist()
+        self.class_counts = data.class_counts()
         self.writer = None
         self.reference = None
         if config.tensorboard:
