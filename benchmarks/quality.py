@@ -31,7 +31,7 @@ from inkwash.checkpoint import load_model
 from inkwash.data import load_digits
 from inkwash.demo import DEMO_RECIPE
 from inkwash.denoiser import ModelDenoiser
-from inkwash.evaluate import MetricSettings, sample_images, score_images
+from inkwash.evaluate import MetricSettings, class_prior_labels, sample_images, score_images
 from inkwash.objectives import min_snr_weight
 from inkwash.reference import load_reference
 from inkwash.train import EpochSampler, TrainConfig, ema_update, make_optimizer, train
@@ -56,6 +56,8 @@ def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
             beta_schedule=args.beta_schedule,
             warmup_steps=args.warmup_steps,
             ema_decay=args.ema_decay,
+            class_cond=args.class_cond,
+            cond_drop=args.cond_drop,
             seed=args.seed,
             checkpoint_every=steps,
         )
@@ -70,7 +72,11 @@ def train_diffusers(args, data, steps: int):
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = diffusers_twin(preset(args.preset, dropout=args.dropout))
+    num_classes = len(data.class_names) if args.class_cond else 0
+    # diffusers' class embedding is added to the time embedding, as inkwash's; index num_classes = "no class".
+    model = diffusers_twin(
+        preset(args.preset, dropout=args.dropout), num_class_embeds=num_classes + 1 if num_classes else None
+    )
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_BETAS[args.beta_schedule])
     optimizer = make_optimizer(model, args.lr, betas=(TrainConfig.adam_beta1, args.adam_beta2))  # as inkwash's
@@ -80,10 +86,17 @@ def train_diffusers(args, data, steps: int):
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, step / max(1, args.warmup_steps))
-        x0 = data.images[batches.next()]  # (B, C, H, W)
+        index = batches.next()
+        x0 = data.images[index]  # (B, C, H, W)
+        labels = None
+        if num_classes:  # label dropout for classifier-free guidance, as inkwash's --cond-drop
+            labels = data.labels[index]
+            dropped = torch.rand(labels.shape, generator=generator) < args.cond_drop
+            labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
         t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        per_sample = (model(scheduler.add_noise(x0, noise, t), t).sample - noise).pow(2).flatten(1).mean(1)
+        output = model(scheduler.add_noise(x0, noise, t), t, class_labels=labels).sample
+        per_sample = (output - noise).pow(2).flatten(1).mean(1)
         if args.min_snr_gamma is None:
             loss = per_sample.mean()
         else:  # the same Min-SNR weighting as diffusers' own training examples (--snr_gamma)
@@ -109,8 +122,10 @@ def sample_diffusers(
     beta_schedule: str = "linear",
     batch_size: int = 250,
     spacing: str = "trailing",
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DDIM (eta 0, ``spacing`` timesteps) or DDPM respaced to ``steps`` (leading), x0 clipped to [-1, 1]."""
+    """DDIM (eta 0, ``spacing`` timesteps) or DDPM respaced to ``steps`` (leading), x0 clipped to [-1, 1].
+    ``labels`` (N,) condition a class-conditional model, sample i on row i."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     betas = DIFFUSERS_BETAS[beta_schedule]
@@ -125,8 +140,10 @@ def sample_diffusers(
     for start in range(0, num_samples, batch_size):
         scheduler.set_timesteps(steps)
         x = torch.randn(min(batch_size, num_samples - start), *shape, generator=generator)
+        batch_labels = None if labels is None else labels[start : start + x.shape[0]]
         for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t).sample, t, x, generator=generator).prev_sample
+            output = model(x, t, class_labels=batch_labels).sample
+            x = scheduler.step(output, t, x, generator=generator).prev_sample
         chunks.append(x.clamp(-1, 1))
     return torch.cat(chunks)
 
@@ -194,6 +211,14 @@ def main() -> None:
         choices=sorted(DIFFUSERS_BETAS),
         help="(default: the demo's)",
     )
+    parser.add_argument(
+        "--class-cond",
+        action=argparse.BooleanOptionalAction,
+        default=DEMO_RECIPE.get("class_cond", False),
+        help="class-conditional training on both sides, sampled on labels drawn from the train half's class "
+        "frequencies (default: the demo's)",
+    )
+    parser.add_argument("--cond-drop", type=float, default=0.1, help="label dropout on both sides (default: 0.1)")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--sample-steps", type=int, default=50)
@@ -237,6 +262,12 @@ def main() -> None:
     theirs, theirs_seconds = train_diffusers(args, data, steps)
     reference = load_reference("digits", shape)
     settings = MetricSettings(metrics=("fid", "kid"), seed=args.seed)
+    # The same labels for both sides, drawn from the class prior, as inkwash eval draws them.
+    labels = (
+        class_prior_labels(len(data.class_names), data.class_counts(), args.num_samples, args.seed)
+        if args.class_cond
+        else None
+    )
     # DDIM with the same timesteps on both sides (trailing by default); DDPM respaced (leading) on both.
     runs = [("ddim", args.sample_steps, spacing) for spacing in args.ddim_spacing.split(",")] + (
         [("ddpm", args.ddpm_steps, "leading")] if args.ddpm_steps else []
@@ -251,6 +282,7 @@ def main() -> None:
         "adam_beta2": args.adam_beta2,
         "min_snr_gamma": args.min_snr_gamma,
         "beta_schedule": args.beta_schedule,
+        "class_cond": args.class_cond,
         "parameters": {"inkwash": count_parameters(ours.network), "diffusers": count_parameters(theirs)},
         "train_seconds": {"inkwash": round(ours_seconds, 1), "diffusers": round(theirs_seconds, 1)},
         "sampling": {},
@@ -258,7 +290,8 @@ def main() -> None:
     print(
         f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
         f"{args.dropout:g}, {args.beta_schedule} betas, Adam beta2 {args.adam_beta2:g}, Min-SNR gamma "
-        f"{args.min_snr_gamma}); {args.num_samples} samples each, against the test half of digits; digits features"
+        f"{args.min_snr_gamma}{', class-conditional' if args.class_cond else ''}); {args.num_samples} samples "
+        "each, against the test half of digits; digits features"
     )
     for sampler, sample_steps, schedule in runs:
         ours_images = sample_images(
@@ -270,9 +303,18 @@ def main() -> None:
             schedule=schedule,
             seed=args.seed,
             show_progress=not args.quiet,
+            labels=labels,
         )
         theirs_images = sample_diffusers(
-            theirs, shape, args.num_samples, sample_steps, args.seed, sampler, args.beta_schedule, spacing=schedule
+            theirs,
+            shape,
+            args.num_samples,
+            sample_steps,
+            args.seed,
+            sampler,
+            args.beta_schedule,
+            spacing=schedule,
+            labels=labels,
         )
         ours_scores, counts = score_images(ours_images, reference, settings, show_progress=not args.quiet)
         theirs_scores, _ = score_images(theirs_images, reference, settings)

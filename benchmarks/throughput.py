@@ -43,8 +43,9 @@ from inkwash.unet import PRESETS, UNet, count_parameters, preset
 CPU = torch.device("cpu")
 
 
-def diffusers_twin(config):
-    """A diffusers UNet2DModel laid out like inkwash's: same widths, blocks and attention levels."""
+def diffusers_twin(config, num_class_embeds: int | None = None):
+    """A diffusers UNet2DModel laid out like inkwash's: same widths, blocks and attention levels, and
+    with ``num_class_embeds`` a class embedding added to the time embedding, as inkwash's."""
     from diffusers import UNet2DModel
 
     widths = tuple(config.base_channels * m for m in config.channel_mult)
@@ -65,6 +66,7 @@ def diffusers_twin(config):
         attention_head_dim=config.head_channels,
         norm_num_groups=min(32, config.base_channels),
         dropout=config.dropout,
+        num_class_embeds=num_class_embeds,
     )
 
 
