@@ -162,15 +162,31 @@ def test_eval_of_a_checkpoint_includes_bits_per_dim(feature_cache, tmp_path, mon
 def test_class_prior_labels_follow_the_training_frequencies():
     labels = class_prior_labels(3, [700, 200, 100], 20_000, seed=5)
     assert labels.shape == (20_000,) and labels.dtype == torch.long
-    share = torch.bincount(labels, minlength=3).double() / 20_000
-    assert torch.allclose(share, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), atol=0.015)
+    assert torch.bincount(labels, minlength=3).tolist() == [14_000, 4_000, 2_000]  # stratified: exact proportions
+    assert labels[:30].tolist() != sorted(labels[:30].tolist())  # in a shuffled order, not class by class
     assert torch.equal(labels, class_prior_labels(3, [700, 200, 100], 20_000, seed=5))  # the seed fixes them
     assert not torch.equal(labels, class_prior_labels(3, [700, 200, 100], 20_000, seed=6))
-    uniform = torch.bincount(class_prior_labels(4, None, 20_000), minlength=4).double() / 20_000  # unknown counts
-    assert torch.allclose(uniform, torch.full((4,), 0.25, dtype=torch.float64), atol=0.015)
+    assert torch.bincount(class_prior_labels(4, None, 20_000), minlength=4).tolist() == [5_000] * 4  # unknown counts
     assert torch.bincount(class_prior_labels(3, [0, 5, 0], 50), minlength=3).tolist() == [0, 50, 0]
     for broken in ([5, -1, 2], [0, 0, 0], [1, 2]):  # a hand-edited config: fall back to uniform
         assert set(class_prior_labels(3, broken, 300).tolist()) == {0, 1, 2}
+
+
+def test_class_prior_labels_round_by_the_largest_remainder():
+    # quotas 10/3 each: floors 3, 3, 3 and one image left over, which goes to the lowest index on a tie
+    assert torch.bincount(class_prior_labels(3, [1, 1, 1], 10), minlength=3).tolist() == [4, 3, 3]
+    # quotas 2.67 and 1.33: the larger remainder gets the leftover image
+    assert torch.bincount(class_prior_labels(2, [2, 1], 4), minlength=2).tolist() == [3, 1]
+    # quotas 0.5, 1.5, 1.0 of 3: 0, 1, 1 and the tie of remainders 0.5 goes to class 0
+    assert torch.bincount(class_prior_labels(3, [1, 3, 2], 3), minlength=3).tolist() == [1, 1, 1]
+    for n in (0, 1, 7, 999):
+        counts = [90, 91, 89, 92, 91, 90, 90, 89, 85, 94]
+        labels = class_prior_labels(10, counts, n, seed=n)
+        assert labels.shape == (n,)
+        expected = torch.tensor(counts, dtype=torch.float64) / sum(counts) * n
+        assert (torch.bincount(labels, minlength=10).double() - expected).abs().max() < 1  # within one image
+    with pytest.raises(ValueError, match="num_samples"):
+        class_prior_labels(3, None, -1)
 
 
 def test_eval_of_a_class_conditional_checkpoint_draws_labels_from_its_class_counts(

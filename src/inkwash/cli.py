@@ -463,7 +463,7 @@ def build_parser() -> Parser:
         "--guidance-scale",
         type=_nonneg_float,
         default=1.0,
-        help="classifier-free guidance for a class-conditional --checkpoint, whose labels are drawn from its "
+        help="classifier-free guidance for a class-conditional --checkpoint, whose labels follow its "
         "training class frequencies (default: %(default)s, plain conditional sampling)",
     )
 

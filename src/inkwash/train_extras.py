@@ -92,7 +92,7 @@ class TrainingPictures:
         metrics = [name.strip() for name in config.eval_metrics.split(",") if name.strip()]
         denoiser = ModelDenoiser(ema, self.schedule, config.prediction)
         labels = None
-        if self.num_classes > 0:  # a class-conditional model is scored on labels drawn from the class prior
+        if self.num_classes > 0:  # a class-conditional model is scored on labels in the class proportions
             labels = class_prior_labels(self.num_classes, self.class_counts, config.eval_samples, config.seed)
         return periodic_eval(
             denoiser, self.shape, self.reference, metrics, config.eval_samples, seed=config.seed, labels=labels
