@@ -53,6 +53,7 @@ def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
             dropout=args.dropout,
             adam_beta2=args.adam_beta2,
             min_snr_gamma=args.min_snr_gamma,
+            input_perturbation=args.input_perturbation,
             beta_schedule=args.beta_schedule,
             warmup_steps=args.warmup_steps,
             ema_decay=args.ema_decay,
@@ -95,7 +96,10 @@ def train_diffusers(args, data, steps: int):
             labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
         t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        output = model(scheduler.add_noise(x0, noise, t), t, class_labels=labels).sample
+        model_noise = noise
+        if args.input_perturbation:  # as diffusers' training examples' --input_perturbation: target stays noise
+            model_noise = noise + args.input_perturbation * torch.randn(x0.shape, generator=generator)
+        output = model(scheduler.add_noise(x0, model_noise, t), t, class_labels=labels).sample
         per_sample = (output - noise).pow(2).flatten(1).mean(1)
         if args.min_snr_gamma is None:
             loss = per_sample.mean()
@@ -212,6 +216,12 @@ def main() -> None:
         help="(default: the demo's)",
     )
     parser.add_argument(
+        "--input-perturbation",
+        type=float,
+        default=DEMO_RECIPE.get("input_perturbation", 0.0),
+        help="DDPM-IP gamma on both sides (default: the demo's); 0 turns it off",
+    )
+    parser.add_argument(
         "--class-cond",
         action=argparse.BooleanOptionalAction,
         default=DEMO_RECIPE.get("class_cond", False),
@@ -281,6 +291,7 @@ def main() -> None:
         "dropout": args.dropout,
         "adam_beta2": args.adam_beta2,
         "min_snr_gamma": args.min_snr_gamma,
+        "input_perturbation": args.input_perturbation,
         "beta_schedule": args.beta_schedule,
         "class_cond": args.class_cond,
         "parameters": {"inkwash": count_parameters(ours.network), "diffusers": count_parameters(theirs)},
@@ -290,7 +301,8 @@ def main() -> None:
     print(
         f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
         f"{args.dropout:g}, {args.beta_schedule} betas, Adam beta2 {args.adam_beta2:g}, Min-SNR gamma "
-        f"{args.min_snr_gamma}{', class-conditional' if args.class_cond else ''}); {args.num_samples} samples "
+        f"{args.min_snr_gamma}, input perturbation {args.input_perturbation:g}"
+        f"{', class-conditional' if args.class_cond else ''}); {args.num_samples} samples "
         "each, against the test half of digits; digits features"
     )
     for sampler, sample_steps, schedule in runs:

@@ -81,6 +81,8 @@ def test_directory_without_checkpoint(tmp_path):
         (["train", "--data", "digits", "--out", "x", "--lr", "-1"], "positive number"),
         (["train", "--data", "digits", "--out", "x", "--preset", "huge"], "invalid choice"),
         (["train", "--data", "digits", "--out", "x", "--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
+        (["train", "--data", "digits", "--out", "x", "--input-perturbation", "-0.1"], "number >= 0"),
+        (["train", "--data", "digits", "--out", "x", "--input-perturbation", "2"], "--input-perturbation must be in"),
         (["sample", "--checkpoint", "x", "--out", "y", "--eta", "nan"], "number >= 0"),
         (["sample", "--checkpoint", "x", "--out", "y", "--schedule", "weird"], "invalid choice"),
         (["noise", "--data", "digits", "--out", "n.png", "--t", "0,2000"], "0..1000"),

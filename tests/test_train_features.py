@@ -2,6 +2,7 @@
 conditioning with label dropout, and what it writes while it runs."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -65,6 +66,42 @@ def test_min_snr_changes_the_loss_only_through_the_weights():
     weighted = diffusion_loss(zero, schedule, x0, torch.Generator().manual_seed(1), min_snr_gamma=5.0)
     assert huge_gamma.item() == pytest.approx(plain.item(), rel=1e-6)  # weight min(snr, inf) / snr = 1
     assert weighted.item() < plain.item()  # low-noise steps (snr > 5) are down-weighted
+
+
+def test_input_perturbation_noises_the_input_and_keeps_the_target():
+    """DDPM-IP (Ning et al. 2023): x_t = sqrt(ab) x0 + sqrt(1 - ab) (eps + gamma xi), target eps."""
+    schedule = NoiseSchedule()
+    x0 = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def spy(x, t):
+        seen.append((x.clone(), t.clone()))
+        return torch.zeros_like(x)
+
+    gamma = 0.3
+    loss = diffusion_loss(spy, schedule, x0, torch.Generator().manual_seed(1), input_perturbation=gamma)
+    replay = torch.Generator().manual_seed(1)  # the same draws in the same order: t, eps, xi
+    t = torch.randint(0, schedule.num_steps, (16,), generator=replay)
+    eps = torch.randn(x0.shape, generator=replay)
+    xi = torch.randn(x0.shape, generator=replay)
+    alpha_bar = schedule.alpha_bar[t].reshape(-1, 1, 1, 1)
+    expected_input = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * (eps + gamma * xi)
+    x_t, t_seen = seen[0]
+    assert torch.equal(t_seen, t.float())
+    assert torch.allclose(x_t, expected_input.float(), atol=1e-6)
+    assert loss.item() == pytest.approx(eps.pow(2).mean().item(), rel=1e-6)  # the target is eps, not eps + gamma xi
+    # gamma = 0 is the plain objective with the plain draws (runs without the option are unchanged)
+    seen.clear()
+    diffusion_loss(spy, schedule, x0, torch.Generator().manual_seed(1), input_perturbation=0.0)
+    assert torch.allclose(seen[0][0], (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps).float(), atol=1e-6)
+
+
+def test_input_perturbation_is_validated_and_recorded(tmp_path):
+    with pytest.raises(InkwashError, match="--input-perturbation must be in"):
+        train(tiny(tmp_path / "bad", input_perturbation=float("nan")), show_progress=False)
+    train(tiny(tmp_path / "ip", steps=2, input_perturbation=0.1), show_progress=False)
+    saved = json.loads((tmp_path / "ip" / "checkpoints" / "step_00000002" / "config.json").read_text())
+    assert saved["train"]["input_perturbation"] == 0.1
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, digits):

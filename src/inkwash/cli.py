@@ -204,6 +204,14 @@ def build_parser() -> Parser:
         help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs) (default: off)",
     )
     train.add_argument(
+        "--input-perturbation",
+        type=_nonneg_float,
+        default=0.0,
+        metavar="GAMMA",
+        help="DDPM-IP (Ning et al. 2023): noise the input with noise + GAMMA * extra noise, keep the target; "
+        "0.1 is theirs (default: off)",
+    )
+    train.add_argument(
         "--precision",
         default="fp32",
         choices=["fp32", "bf16", "fp16"],
@@ -512,6 +520,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         adam_beta2=args.adam_beta2,
         grad_accum=args.grad_accum,
         min_snr_gamma=args.min_snr_gamma,
+        input_perturbation=args.input_perturbation,
         precision=args.precision,
         device=args.device,
         channels_last=args.channels_last,

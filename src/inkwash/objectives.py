@@ -47,14 +47,24 @@ def diffusion_loss(
     *,
     labels: torch.Tensor | None = None,
     min_snr_gamma: float | None = None,
+    input_perturbation: float = 0.0,
 ) -> torch.Tensor:
     """Steps 2-6 of the seed: t uniform over the T steps, Gaussian noise, x_t in closed form, and
     the (optionally Min-SNR weighted) mean squared error between the network's output and its target.
-    ``labels`` (B,) are passed to the network as its class condition."""
+    ``labels`` (B,) are passed to the network as its class condition.
+
+    ``input_perturbation`` gamma > 0 noises x_t with ``noise + gamma * xi`` (xi a second Gaussian draw)
+    while the target keeps ``noise`` (Ning et al. 2023, DDPM-IP; diffusers' training examples'
+    ``--input_perturbation``). The network then trains on inputs a little off the forward process,
+    as its own samples are at sampling time (exposure bias); 0.1 is their choice."""
     device = x0.device
     t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator, device=device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)  # (B, C, H, W)
-    x_t = schedule.q_sample(x0, t, noise)
+    if input_perturbation > 0:
+        extra = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)  # (B, C, H, W)
+        x_t = schedule.q_sample(x0, t, noise + input_perturbation * extra)
+    else:
+        x_t = schedule.q_sample(x0, t, noise)
     alpha_bar = schedule.alpha_bar.to(device)[t]  # (B,) float64
     target = prediction_target(prediction, x0, noise, alpha_bar.to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1)))
     output = model(x_t, t.float()) if labels is None else model(x_t, t.float(), labels)

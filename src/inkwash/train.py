@@ -74,6 +74,7 @@ class TrainConfig:
     prediction: str = "eps"
     zero_terminal_snr: bool = False
     min_snr_gamma: float | None = None  # Min-SNR-gamma weighting (Hang et al. 2023); 5 is their choice
+    input_perturbation: float = 0.0  # DDPM-IP (Ning et al. 2023): x_t from noise + gamma * xi; 0.1 is theirs
     precision: str = "fp32"
     device: str = "auto"
     channels_last: bool = False
@@ -116,6 +117,10 @@ class TrainConfig:
             (self.prediction in PREDICTIONS, f"prediction must be one of {', '.join(PREDICTIONS)}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "--min-snr-gamma must be positive"),
+            (
+                0 <= self.input_perturbation <= 1 and math.isfinite(self.input_perturbation),
+                "--input-perturbation must be in [0, 1]",
+            ),
             (0 <= self.cond_drop < 1, "--cond-drop must be in [0, 1)"),
             (self.max_nonfinite >= 1, "--max-nonfinite must be at least 1"),
             (self.sample_every is None or self.sample_every >= 1, "--sample-every must be at least 1"),
@@ -518,6 +523,7 @@ def _accumulate(
                     config.prediction,
                     labels=labels,
                     min_snr_gamma=config.min_snr_gamma,
+                    input_perturbation=config.input_perturbation,
                 )
             scaled = loss / config.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
