@@ -13,7 +13,9 @@ with the ratio inkwash / baseline (below 1: inkwash's samples are closer to the 
     python benchmarks/quality.py --summarize s0.json s1.json s2.json   # mean over seeds, ratio of the means
 
 Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas,
-Adam's beta2 and the Min-SNR loss weighting); ``--ddpm-steps N`` also samples both with DDPM respaced to N
+Adam's beta2, the Min-SNR loss weighting, input perturbation and class conditioning with label dropout). A
+class-conditional pair samples on the same labels, stratified by the train half's class frequencies
+(``inkwash.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM respaced to N
 steps, the demo's own sampler at N = 100.
 """
 
