@@ -146,9 +146,9 @@ def test_label_dropout_feeds_the_null_class_at_the_requested_rate(tmp_path, digi
     seen = []
     original = trainer.diffusion_loss
 
-    def spy(model, schedule, x0, generator, prediction, *, labels=None, min_snr_gamma=None):
+    def spy(model, schedule, x0, generator, prediction, *, labels=None, **options):
         seen.append(labels.clone())
-        return original(model, schedule, x0, generator, prediction, labels=labels, min_snr_gamma=min_snr_gamma)
+        return original(model, schedule, x0, generator, prediction, labels=labels, **options)
 
     monkeypatch.setattr(trainer, "diffusion_loss", spy)
     train(tiny(tmp_path, steps=20, batch_size=50, class_cond=True, cond_drop=0.3), data=digits, show_progress=False)
