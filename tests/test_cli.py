@@ -1,8 +1,10 @@
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -85,6 +87,8 @@ def test_directory_without_checkpoint(tmp_path):
         (["train", "--data", "digits", "--out", "x", "--input-perturbation", "2"], "--input-perturbation must be in"),
         (["sample", "--checkpoint", "x", "--out", "y", "--eta", "nan"], "number >= 0"),
         (["sample", "--checkpoint", "x", "--out", "y", "--schedule", "weird"], "invalid choice"),
+        (["sample", "--checkpoint", "x", "--out", "y", "--precision", "fp8"], "invalid choice"),
+        (["sample", "--checkpoint", "x", "--out", "y", "--device", "tpu"], "invalid choice"),
         (["noise", "--data", "digits", "--out", "n.png", "--t", "0,2000"], "0..1000"),
         (["noise", "--out", "n.png"], "one of the arguments"),
         (["frobnicate"], "invalid choice"),
@@ -133,6 +137,26 @@ def test_sample_writes_every_output(trained_run, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "000003.png")), samples[3, ..., 0])
     for name in ("grid.png", "reverse.png", "sampling.json"):
         assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_sample_in_low_precision_records_it(trained_run, tmp_path, precision):
+    out = tmp_path / "samples"
+    common = ["--checkpoint", str(trained_run), "--steps", "3", "--num-images", "3", "--device", "cpu"]
+    result = run_cli("sample", *common, "--out", str(out), "--precision", precision)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "sampling.json").read_text())
+    assert summary["precision"] == precision and summary["device"] == "cpu"
+    exact = run_cli("sample", *common, "--out", str(tmp_path / "exact"))
+    assert exact.returncode == 0, exact.stderr
+    low, full = (np.load(d / "samples.npz")["samples"].astype(int) for d in (out, tmp_path / "exact"))
+    assert np.abs(low - full).mean() <= 3  # on 0..255: the same images, up to the network's rounding
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_sample_on_a_missing_gpu_is_a_one_line_error(trained_run, tmp_path):
+    result = run_cli("sample", "--checkpoint", str(trained_run), "--out", str(tmp_path), "--device", "cuda")
+    assert_clean_error(result, "sees no GPU")
 
 
 def test_sample_rejects_too_many_steps(trained_run, tmp_path):

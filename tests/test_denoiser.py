@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from inkwash.denoiser import ModelDenoiser
+from inkwash.denoiser import INFERENCE_PRECISIONS, ModelDenoiser, PlacedDenoiser
 from inkwash.schedule import NoiseSchedule
 
 
@@ -69,3 +70,51 @@ def test_x0_and_v_predictions_recover_x0():
     assert torch.allclose(ModelDenoiser(Fixed(eps), schedule, "eps")(x, sigma), x0, atol=1e-9)
     with pytest.raises(ValueError, match="prediction"):
         ModelDenoiser(Fixed(x0), schedule, "score")
+
+
+class ConvEps(torch.nn.Module):
+    """A one-convolution epsilon network that records the dtype its convolution computed in."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.computed_in = None
+
+    def forward(self, x, t, cond=None):
+        out = self.conv(x)
+        self.computed_in = out.dtype
+        return out
+
+
+def test_placed_denoiser_in_fp32_is_the_denoiser_itself():
+    denoiser = ModelDenoiser(ConvEps(), NoiseSchedule())
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    placed = PlacedDenoiser(denoiser, "cpu", "fp32")
+    out = placed(x, torch.tensor(2.0))
+    assert out.dtype == torch.float64 and out.device == x.device
+    assert torch.equal(out, denoiser(x, torch.tensor(2.0)))
+    assert denoiser.network.computed_in == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_placed_denoiser_autocasts_only_the_network(precision):
+    denoiser = ModelDenoiser(ConvEps(), NoiseSchedule())
+    x = torch.randn(3, 1, 8, 8)
+    sigma = torch.tensor([0.5, 2.0, 8.0])
+    exact = denoiser(x, sigma)
+    out = PlacedDenoiser(denoiser, "cpu", precision)(x, sigma)
+    assert denoiser.network.computed_in == INFERENCE_PRECISIONS[precision]
+    assert out.dtype == torch.float32  # handed back in the input's dtype
+    # The network's output (eps = (x - D) / sigma) carries the low precision's rounding, 8 or 11
+    # mantissa bits; the wrapper adds nothing beyond it.
+    scale = sigma.reshape(-1, 1, 1, 1)
+    eps_exact, eps_low = (x - exact) / scale, (x - out) / scale
+    unit = 2.0**-8 if precision == "bf16" else 2.0**-11
+    assert (eps_low - eps_exact).abs().max() <= 4 * unit * eps_exact.abs().max()
+    assert not torch.equal(out, exact)
+
+
+def test_placed_denoiser_rejects_an_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        PlacedDenoiser(ModelDenoiser(ConvEps(), NoiseSchedule()), "cpu", "fp8")

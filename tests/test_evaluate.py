@@ -159,6 +159,33 @@ def test_eval_of_a_checkpoint_includes_bits_per_dim(feature_cache, tmp_path, mon
     assert report["scores"]["nll_bpd"] > 8
 
 
+def test_eval_of_a_checkpoint_in_bf16_samples_in_bf16_and_keeps_bits_per_dim_exact(
+    feature_cache, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("INKWASH_CACHE", str(feature_cache))
+    run = tmp_path / "run"
+    train(TrainConfig(data="digits", out=str(run), preset="tiny", steps=2, batch_size=4), show_progress=False)
+    args = ["--reference", "digits", "--metrics", "fid,nll", "--num-samples", "8", "--steps", "2", "--nll-terms", "3"]
+    reports = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.json"
+        status, _, err = run_main(
+            ["eval", "--checkpoint", str(run), *args, "--device", "cpu", "--precision", precision, "--json", str(out)],
+            capsys,
+        )
+        assert status == 0, err
+        reports[precision] = json.loads(out.read_text())
+    assert reports["bf16"]["settings"]["precision"] == "bf16" and reports["bf16"]["settings"]["device"] == "cpu"
+    assert reports["bf16"]["scores"]["fid"] != reports["fp32"]["scores"]["fid"]  # the samples were drawn in bf16
+    assert reports["bf16"]["scores"]["nll_bpd"] == reports["fp32"]["scores"]["nll_bpd"]  # the bound is not
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_eval_on_a_missing_gpu_is_a_one_line_error(tmp_path, capsys):
+    status, _, err = run_main(["eval", "--checkpoint", "no_run", "--reference", "digits", "--device", "cuda"], capsys)
+    assert status == 1 and "sees no GPU" in err and len(err.strip().splitlines()) == 1
+
+
 def test_class_prior_labels_follow_the_training_frequencies():
     labels = class_prior_labels(3, [700, 200, 100], 20_000, seed=5)
     assert labels.shape == (20_000,) and labels.dtype == torch.long

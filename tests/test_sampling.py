@@ -88,3 +88,22 @@ def test_clipping_ddim_keeps_the_networks_noise_as_diffusers_does():
     assert torch.equal(ddpm.images, _generate(ClampedDenoiser(_overshooting), "ddpm", 5).images)
     with pytest.raises(ValueError, match="clip_range"):
         sample_ddim(_overshooting, first, sigmas, clip_range=0.0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_sampling_autocasts_the_network_and_stays_close(tiny_denoiser, precision):
+    dtypes = []
+    hook = tiny_denoiser.network.out_conv.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    try:
+        exact = _generate(tiny_denoiser, "ddim", 5)
+        dtypes.clear()
+        low = _generate(tiny_denoiser, "ddim", 5, precision=precision)
+    finally:
+        hook.remove()
+    assert set(dtypes) == {torch.bfloat16 if precision == "bf16" else torch.float16}
+    assert low.images.dtype == torch.float32 and low.nfe == exact.nfe
+    # A random network amplifies rounding at a few saturated pixels; the bulk of the image agrees
+    # (measured mean differences: 0.0013 bf16, 0.0002 fp16, on [-1, 1]).
+    difference = (low.images - exact.images).abs()
+    assert 0 < difference.mean() <= 0.01
+    assert difference.median() <= 2 / 255

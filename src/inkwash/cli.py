@@ -108,6 +108,22 @@ def _sampler_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_inference_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help=f"{prefix}where the network runs; auto is the GPU when there is one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help=f"{prefix}bf16 or fp16 autocast of the network (fast on GPUs and AMX CPUs); the sampler's "
+        "arithmetic stays fp32 (default: %(default)s)",
+    )
+
+
 def build_parser() -> Parser:
     from .schedule import BETA_SCHEDULES
     from .steps import STEP_SCHEDULES
@@ -347,6 +363,7 @@ def build_parser() -> Parser:
         default=None,
         help="images per class with --grid-by-class (default: 8)",
     )
+    _add_inference_arguments(sample)
 
     noise = sub.add_parser(
         "noise",
@@ -474,6 +491,7 @@ def build_parser() -> Parser:
         help="classifier-free guidance for a class-conditional --checkpoint, whose labels follow its "
         "training class frequencies (default: %(default)s, plain conditional sampling)",
     )
+    _add_inference_arguments(evaluate, "--checkpoint: ")
 
     demo = sub.add_parser(
         "demo",
@@ -576,6 +594,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         guidance_scale=args.guidance_scale,
         grid_by_class=args.grid_by_class,
         per_class=args.per_class,
+        device=args.device,
+        precision=args.precision,
     )
     summary = sample_run(options)
     print(
@@ -684,6 +704,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         use_ema=not args.no_ema,
         nll_terms=args.nll_terms,
         guidance_scale=args.guidance_scale,
+        device=args.device,
+        precision=args.precision,
         json=args.json,
     )
     print(format_table(run_eval(options)))

@@ -76,3 +76,39 @@ class ClampedDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.denoiser(x, sigma, cond).clamp(self.low, self.high)
+
+
+INFERENCE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PlacedDenoiser:
+    """Run a denoiser on ``device`` under ``precision``, and hand its answer back where the input lives.
+
+    ``bf16`` and ``fp16`` autocast the network's convolutions and matrix products (as diffusers'
+    ``torch_dtype=torch.float16`` pipelines do, but with the normalizations kept in fp32); the
+    sampler's own arithmetic stays in the input's dtype, so the step formulas lose nothing. The
+    input may live elsewhere (bits/dim runs in float64 on the CPU): it is moved to ``device`` and the
+    output is moved back, and cast to the input's dtype if it came back in bf16 or fp16.
+    """
+
+    def __init__(self, denoiser: Denoiser, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+        if precision not in INFERENCE_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+        self.denoiser = denoiser
+        self.device = torch.device(device)
+        self.precision = precision
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+        here = x.to(self.device)
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.to(self.device)
+        if cond is not None:
+            cond = cond.to(self.device)
+        if self.precision == "fp32":
+            out = self.denoiser(here, sigma, cond)
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=INFERENCE_PRECISIONS[self.precision]):
+                out = self.denoiser(here, sigma, cond)
+        if out.dtype in (torch.float16, torch.bfloat16):
+            out = out.to(x.dtype)  # a denoiser that answers in the autocast dtype
+        return out.to(x.device)

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_text, load_model
-from .denoiser import ModelDenoiser
+from .denoiser import ModelDenoiser, PlacedDenoiser
 from .errors import InkwashError
 from .features import default_features, get_extractor
 from .likelihood import bits_per_dim
 from .metrics import frechet_distance_features, kernel_inception_distance, precision_recall
 from .reference import SPLIT_SEED, Reference, load_image_array, load_reference, reference_features
-from .run_sampling import DEFAULT_STEPS, sampler_options
+from .run_sampling import DEFAULT_STEPS, inference_device, sampler_options
 from .samplers import get_sampler
 from .sampling import generate
 from .steps import build_sigmas
@@ -123,7 +123,7 @@ def score_images(
         held_out = reference.test[torch.from_numpy(_subset(len(reference.test_index), images.shape[0]))]
         counts["nll_images"] = held_out.shape[0]
         bpd = bits_per_dim(
-            denoiser,
+            PlacedDenoiser(denoiser, network_device(denoiser)),  # fp32 on the network's device
             denoiser.schedule,
             held_out,
             num_terms=settings.nll_terms,
@@ -132,6 +132,11 @@ def score_images(
         )
         scores["nll_bpd"] = float(bpd.mean())
     return scores, counts
+
+
+def network_device(denoiser: ModelDenoiser) -> torch.device:
+    """Where the denoiser's network lives (the CPU for a network without parameters)."""
+    return next(denoiser.network.parameters(), torch.empty(0)).device
 
 
 def sample_images(
@@ -149,8 +154,10 @@ def sample_images(
     show_progress: bool = False,
     labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """``num_samples`` images (N, C, H, W) from a model denoiser, as ``inkwash sample`` draws them.
+    """``num_samples`` images (N, C, H, W) from a model denoiser, as ``inkwash sample`` draws them, on the
+    network's device (``precision``: see ``sampling.generate``); the images come back on the CPU.
 
     ``labels`` (N,) condition a class-conditional model (see ``class_prior_labels``); with them,
     ``guidance_scale`` != 1 applies classifier-free guidance against the model's "no class" index.
@@ -177,6 +184,8 @@ def sample_images(
         labels=labels,
         guidance_scale=guidance_scale,
         null_label=num_classes if labels is not None and num_classes > 0 else None,
+        device=network_device(denoiser),
+        precision=precision,
     )
     return result.images
 
@@ -277,6 +286,8 @@ class EvalOptions:
     use_ema: bool = True
     nll_terms: int | None = 100
     guidance_scale: float = 1.0  # classifier-free guidance for a class-conditional checkpoint
+    device: str = "auto"  # where a --checkpoint is sampled; auto: the GPU when there is one
+    precision: str = "fp32"  # autocast of the network while sampling; bits/dim is always fp32
     json: str | None = None
     show_progress: bool = True
 
@@ -346,8 +357,9 @@ def run_eval(options: EvalOptions) -> EvalReport:
             images = images[: options.num_samples]
         source = options.samples
     else:
+        device = inference_device(options.device, options.precision)
         model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
-        denoiser = ModelDenoiser(model, schedule, config.get("prediction", "eps"))
+        denoiser = ModelDenoiser(model.to(device), schedule, config.get("prediction", "eps"))
         num_samples = options.num_samples or 1000
         num_classes = int(config["unet"].get("num_classes", 0))
         # A class-conditional model is scored on labels in its training class proportions (stratified).
@@ -368,6 +380,7 @@ def run_eval(options: EvalOptions) -> EvalReport:
             seed=options.seed,
             batch_size=options.batch_size,
             show_progress=options.show_progress,
+            precision=options.precision,
         )
         source = options.checkpoint
     reference = load_reference(options.reference, tuple(images.shape[1:]), options.show_progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,13 +14,15 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_model
 from .data import load_folder, prepare_image, to_uint8, to_unit_range
-from .denoiser import ModelDenoiser
+from .denoiser import INFERENCE_PRECISIONS, ModelDenoiser
+from .distributed import resolve_device
 from .errors import InkwashError
 from .img2img import strength_sigmas
 from .pictures import reverse_strip, sample_grid, save_png, tile
 from .samplers import get_sampler
 from .sampling import generate
 from .steps import build_sigmas
+from .train_extras import precision_warning
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
 DEFAULT_PER_CLASS = 8
@@ -49,7 +52,24 @@ class SampleOptions:
     guidance_scale: float = 1.0  # classifier-free guidance weight w; 1 = plain conditional sampling
     grid_by_class: bool = False  # one grid row of per_class images for every class
     per_class: int | None = None  # images per class with grid_by_class (None: DEFAULT_PER_CLASS)
+    device: str = "auto"  # auto: the GPU when there is one
+    precision: str = "fp32"  # bf16 / fp16 autocast the network; the sampler's arithmetic stays fp32
     show_progress: bool = True
+
+
+def inference_device(device: str, precision: str) -> torch.device:
+    """The device to sample on, after checking ``--device`` and ``--precision``; warns (stderr) when
+    the precision has no fast kernels here."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise InkwashError(f"--precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    try:
+        placed = resolve_device(device)
+    except ValueError as exc:
+        raise InkwashError(str(exc)) from None
+    warning = precision_warning(precision, placed)
+    if warning:
+        print(warning, file=sys.stderr)
+    return placed
 
 
 def sampler_options(sampler: str, **given: object) -> dict:
@@ -164,7 +184,9 @@ def sample_run(options: SampleOptions) -> dict:
     info = get_sampler(options.sampler)
     if not options.guidance_scale >= 0.0:
         raise InkwashError(f"--guidance-scale must be >= 0, got {options.guidance_scale}")
+    device = inference_device(options.device, options.precision)
     model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
+    model.to(device)
     names = class_names(config)
     labels, num_images = plan_labels(options, names)
     steps = options.steps or DEFAULT_STEPS.get(info.id, 50)
@@ -215,6 +237,8 @@ def sample_run(options: SampleOptions) -> dict:
         guidance_scale=options.guidance_scale,
         null_label=len(names) or None,
         clip_denoised=options.clip_denoised,
+        device=device,
+        precision=options.precision,
     )
     atomic_write_bytes(out / "samples.npz", savez_bytes(samples=to_uint8(result.images)))
     if options.grid_by_class:
@@ -237,6 +261,8 @@ def sample_run(options: SampleOptions) -> dict:
         "class_names": names or None,
         "labels": None if labels is None else [int(label) for label in labels.expand(num_images)],
         "checkpoint_step": config.get("step"),
+        "device": str(device),
+        "precision": options.precision,
         "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
     }
     atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")

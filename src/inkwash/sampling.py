@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .denoiser import ClampedDenoiser, Denoiser
+from .denoiser import ClampedDenoiser, Denoiser, PlacedDenoiser
 from .guidance import GuidedDenoiser
 from .img2img import InpaintDenoiser
 from .progress import progress
@@ -74,6 +74,7 @@ def generate(
     guidance_scale: float = 1.0,
     null_label: int | None = None,
     clip_denoised: bool = False,
+    precision: str = "fp32",
 ) -> SampleResult:
     """Sample ``num_images`` images; image i uses seed ``seed + i`` for all of its noise.
 
@@ -88,6 +89,10 @@ def generate(
     (``UNetConfig.num_classes``). ``clip_denoised`` clips each denoised estimate to [-1, 1] after
     guidance, as diffusers' ``clip_sample`` and Imagen's static thresholding do. DDIM steps along the
     network's own noise estimate from the clipped x0, as diffusers' DDIM does (``sample_ddim``'s ``clip_range``).
+
+    ``device`` is where the images are sampled (the network must already be there); ``precision``
+    ``bf16`` or ``fp16`` autocasts the network's calls (``denoiser.PlacedDenoiser``), while the
+    sampler, guidance and clipping arithmetic stays fp32.
     """
     if mask is not None and init is None:
         raise ValueError("inpainting needs an init image")
@@ -98,7 +103,7 @@ def generate(
     validate_sigmas(sigmas)
     info = get_sampler(sampler)
     options = dict(sampler_options or {})
-    counter = CountingDenoiser(denoiser)
+    counter = CountingDenoiser(PlacedDenoiser(denoiser, device, precision))
     model_denoiser: Denoiser = counter
     if guidance_scale != 1.0:
         model_denoiser = GuidedDenoiser(model_denoiser, guidance_scale, null_label)

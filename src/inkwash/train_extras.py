@@ -34,13 +34,19 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
 
 
 def precision_warning(precision: str, device: torch.device) -> str | None:
-    """bf16 on a CPU without bf16 kernels (no AVX-512 BF16 / AMX) falls back to slow convolutions."""
-    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return (
-            "warning: this CPU has no bf16 convolution kernels (no AVX-512 BF16 or AMX); "
-            "--precision bf16 will be many times slower than fp32 here"
-        )
-    return None
+    """bf16 (fp16) on a CPU without bf16 (fp16) kernels, such as AVX-512 BF16 / AMX, falls back to slow
+    convolutions."""
+    if device.type != "cpu" or precision not in ("bf16", "fp16"):
+        return None
+    mkldnn = torch.ops.mkldnn
+    supported = mkldnn._is_mkldnn_bf16_supported() if precision == "bf16" else mkldnn._is_mkldnn_fp16_supported()
+    if supported:
+        return None
+    kernels = "AVX-512 BF16 or AMX" if precision == "bf16" else "AVX-512 FP16 or AMX-FP16"
+    return (
+        f"warning: this CPU has no {precision} convolution kernels (no {kernels}); "
+        f"--precision {precision} will be many times slower than fp32 here"
+    )
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
