@@ -7,7 +7,7 @@ both alike. Prints images/s for each and the ratio inkwash / diffusers (> 1 mean
 
 The same rounds time inkwash in bf16 mixed precision the way ``inkwash train --precision bf16`` runs:
 the loss under ``torch.autocast(device, dtype=torch.bfloat16)`` with fp32 weights, optimizer and
-gradient clipping (``train_extras.precision_context``); for sampling, each denoiser call (the network
+gradient clipping (``precision.precision_context``); for sampling, each denoiser call (the network
 forward) under the same autocast. ``--compile`` adds both precisions with the network under
 ``torch.compile``. Prints images/s for each variant and its ratio to fp32 (> 1 means faster than fp32).
 ``--precision-only`` skips diffusers.
@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from inkwash.denoiser import ModelDenoiser
+from inkwash.precision import precision_context
 from inkwash.samplers import sample_ddim
 from inkwash.schedule import NoiseSchedule
 from inkwash.steps import build_sigmas
 from inkwash.train import diffusion_loss, make_optimizer
-from inkwash.train_extras import precision_context
 from inkwash.unet import PRESETS, UNet, count_parameters, preset
 
 CPU = torch.device("cpu")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from inkwash.denoiser import INFERENCE_PRECISIONS, ModelDenoiser, PlacedDenoiser
+from inkwash.denoiser import ModelDenoiser, PlacedDenoiser
+from inkwash.precision import PRECISIONS
 from inkwash.schedule import NoiseSchedule
 
 
@@ -104,7 +105,7 @@ def test_placed_denoiser_autocasts_only_the_network(precision):
     sigma = torch.tensor([0.5, 2.0, 8.0])
     exact = denoiser(x, sigma)
     out = PlacedDenoiser(denoiser, "cpu", precision)(x, sigma)
-    assert denoiser.network.computed_in == INFERENCE_PRECISIONS[precision]
+    assert denoiser.network.computed_in == PRECISIONS[precision]
     assert out.dtype == torch.float32  # handed back in the input's dtype
     # The network's output (eps = (x - D) / sigma) carries the low precision's rounding, 8 or 11
     # mantissa bits; the wrapper adds nothing beyond it.

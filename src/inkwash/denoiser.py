@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .precision import PRECISIONS, precision_context
 from .schedule import NoiseSchedule
 
 
@@ -78,9 +79,6 @@ class ClampedDenoiser:
         return self.denoiser(x, sigma, cond).clamp(self.low, self.high)
 
 
-INFERENCE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class PlacedDenoiser:
     """Run a denoiser on ``device`` under ``precision``, and hand its answer back where the input lives.
 
@@ -92,8 +90,8 @@ class PlacedDenoiser:
     """
 
     def __init__(self, denoiser: Denoiser, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
-        if precision not in INFERENCE_PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.denoiser = denoiser
         self.device = torch.device(device)
         self.precision = precision
@@ -104,11 +102,8 @@ class PlacedDenoiser:
             sigma = sigma.to(self.device)
         if cond is not None:
             cond = cond.to(self.device)
-        if self.precision == "fp32":
+        with precision_context(self.precision, self.device):
             out = self.denoiser(here, sigma, cond)
-        else:
-            with torch.autocast(device_type=self.device.type, dtype=INFERENCE_PRECISIONS[self.precision]):
-                out = self.denoiser(here, sigma, cond)
         if out.dtype in (torch.float16, torch.bfloat16):
             out = out.to(x.dtype)  # a denoiser that answers in the autocast dtype
         return out.to(x.device)

@@ -14,15 +14,15 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_model
 from .data import load_folder, prepare_image, to_uint8, to_unit_range
-from .denoiser import INFERENCE_PRECISIONS, ModelDenoiser
+from .denoiser import ModelDenoiser
 from .distributed import resolve_device
 from .errors import InkwashError
 from .img2img import strength_sigmas
 from .pictures import reverse_strip, sample_grid, save_png, tile
+from .precision import PRECISIONS, precision_warning
 from .samplers import get_sampler
 from .sampling import generate
 from .steps import build_sigmas
-from .train_extras import precision_warning
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
 DEFAULT_PER_CLASS = 8
@@ -60,8 +60,8 @@ class SampleOptions:
 def inference_device(device: str, precision: str) -> torch.device:
     """The device to sample on, after checking ``--device`` and ``--precision``; warns (stderr) when
     the precision has no fast kernels here."""
-    if precision not in INFERENCE_PRECISIONS:
-        raise InkwashError(f"--precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise InkwashError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
         placed = resolve_device(device)
     except ValueError as exc:

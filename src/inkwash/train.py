@@ -28,6 +28,7 @@ from .distributed import World, barrier, close_world, gather_bytes, init_world
 from .errors import InkwashError
 from .objectives import LR_SCHEDULES, diffusion_loss, learning_rate
 from .pictures import loss_curve
+from .precision import PRECISIONS, precision_context, precision_warning
 from .progress import progress
 from .resume import (
     TrainingState,
@@ -38,14 +39,13 @@ from .resume import (
     write_training_checkpoint,
 )
 from .schedule import BETA_SCHEDULES, NoiseSchedule, ScheduleConfig
-from .train_extras import TrainingPictures, make_scaler, precision_context, precision_warning
+from .train_extras import TrainingPictures, make_scaler
 from .unet import PRESETS, UNet, UNetConfig, count_parameters, preset
 
 __all__ = ["EpochSampler", "TrainConfig", "TrainResult", "diffusion_loss", "make_optimizer", "train"]
 
 LOG_FILE = "log.csv"
 LOSS_CURVE_FILE = "loss.png"
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass

@@ -1,9 +1,8 @@
-"""The trainer's helpers: mixed-precision contexts, the fp16 loss scaler, and what it shows while it
+"""The trainer's helpers: the fp16 loss scaler, and what it shows while it
 runs (sample grids from the EMA weights, TensorBoard scalars)."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,30 +22,6 @@ if TYPE_CHECKING:
 SAMPLES_DIR = "samples"
 GRID_IMAGES = 16
 GRID_STEPS = 25
-
-
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for bf16 / fp16; the weights, optimizer and loss stay fp32 (mixed precision)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def precision_warning(precision: str, device: torch.device) -> str | None:
-    """bf16 (fp16) on a CPU without bf16 (fp16) kernels, such as AVX-512 BF16 / AMX, falls back to slow
-    convolutions."""
-    if device.type != "cpu" or precision not in ("bf16", "fp16"):
-        return None
-    mkldnn = torch.ops.mkldnn
-    supported = mkldnn._is_mkldnn_bf16_supported() if precision == "bf16" else mkldnn._is_mkldnn_fp16_supported()
-    if supported:
-        return None
-    kernels = "AVX-512 BF16 or AMX" if precision == "bf16" else "AVX-512 FP16 or AMX-FP16"
-    return (
-        f"warning: this CPU has no {precision} convolution kernels (no {kernels}); "
-        f"--precision {precision} will be many times slower than fp32 here"
-    )
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
