@@ -4,8 +4,9 @@ from pathlib import Path
 from inkwash.demo import run_demo
 
 
-def test_demo_writes_every_picture(tmp_path):
-    summary = run_demo(tmp_path, minutes=0.05, preset="tiny", num_images=4, full_ddpm_images=2)
+def test_demo_writes_every_picture_and_scores_its_samples(tmp_path, feature_cache, monkeypatch, capsys):
+    monkeypatch.setenv("INKWASH_CACHE", str(feature_cache))
+    summary = run_demo(tmp_path, minutes=0.05, preset="tiny", num_images=4, full_ddpm_images=2, eval_samples=12)
     for path in summary["pictures"].values():
         assert Path(path).is_file(), path
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -17,3 +18,20 @@ def test_demo_writes_every_picture(tmp_path):
     assert by_class["labels"] == list(range(10))
     full = json.loads((tmp_path / "samples_ddpm1000" / "sampling.json").read_text())
     assert full["labels"] == [0, 1]  # image i gets digit i mod 10
+    # Step 6 scores DDPM-100 samples as benchmarks/quality.py does, beside the real-data floor.
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["counts"]["samples"] == 12
+    assert report["settings"]["sampler"] == "ddpm" and report["settings"]["steps"] == 100
+    assert saved["eval"]["fid"] == round(report["scores"]["fid"], 4)
+    assert saved["eval"]["fid_floor"] > 0 and "recall" in saved["eval"] and "kid" in saved["eval"]
+    out = capsys.readouterr().out
+    assert "6/6 scoring 12 DDPM-100 samples" in out
+    ratio = report["scores"]["fid"] / report["scores"]["fid_floor"]
+    assert f"FID {report['scores']['fid']:.3f} over 12 DDPM-100 samples: {ratio:.2f}x the real-data floor" in out
+
+
+def test_demo_without_scoring(tmp_path, capsys):
+    summary = run_demo(tmp_path, minutes=0.02, preset="tiny", num_images=1, full_ddpm_images=1, eval_samples=0)
+    assert summary["eval"] is None and not (tmp_path / "eval.json").exists()
+    out = capsys.readouterr().out
+    assert "5/5 sampling 1 digits" in out and "6/" not in out and "FID" not in out

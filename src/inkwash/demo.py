@@ -1,4 +1,5 @@
-"""``inkwash demo``: train on digits within a time budget, sample, and write every picture."""
+"""``inkwash demo``: train on digits within a time budget, sample, write every picture, and score the
+samples beside the real-data floor."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .data import load_digits
+from .evaluate import EvalOptions, format_table, run_eval
 from .pictures import noising_strip, save_png
 from .run_sampling import SampleOptions, sample_run
 from .schedule import NoiseSchedule, ScheduleConfig
@@ -47,14 +49,17 @@ def run_demo(
     preset: str = "digits",
     num_images: int = 100,
     full_ddpm_images: int = 16,
+    eval_samples: int = 1000,
 ) -> dict:
-    """Noising strip, a time-boxed training run, three sampling runs and a summary in ``out``."""
+    """Noising strip, a time-boxed training run, three sampling runs, the FID of ``eval_samples``
+    DDPM-100 samples (as ``benchmarks/quality.py`` scores them; 0 skips it) and a summary in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    parts = 6 if eval_samples else 5
     data = load_digits(16, "train")  # the test half stays held out, as inkwash eval expects
 
-    print("1/5 the forward process: noising real digits (noising.png)")
+    print(f"1/{parts} the forward process: noising real digits (noising.png)")
     schedule = NoiseSchedule(ScheduleConfig(beta_schedule=DEMO_RECIPE["beta_schedule"]))  # the one it trains on
     examples = torch.stack([data.images[(data.labels == d).nonzero()[0, 0]] for d in range(10)])
     save_png(
@@ -62,7 +67,7 @@ def run_demo(
         out / "noising.png",
     )
 
-    print(f"2/5 training the {preset} preset for up to {minutes:g} minutes")
+    print(f"2/{parts} training the {preset} preset for up to {minutes:g} minutes")
     run_dir = out / "run"
     config = TrainConfig(
         data="digits",
@@ -100,12 +105,35 @@ def run_demo(
         )
 
     what = f"{per_class} of each digit" if conditional else f"{num_images} digits"
-    print(f"3/5 sampling {what} with DDPM respaced to 100 steps (samples/)")
+    print(f"3/{parts} sampling {what} with DDPM respaced to 100 steps (samples/)")
     ddpm = sample("samples", "ddpm", 100, num_images)
-    print(f"4/5 the same {shown} seeds with deterministic DDIM, 50 steps (samples_ddim/)")
+    print(f"4/{parts} the same {shown} seeds with deterministic DDIM, 50 steps (samples_ddim/)")
     ddim = sample("samples_ddim", "ddim", 50, num_images)
-    print(f"5/5 sampling {full_ddpm_images} digits with DDPM over all 1000 steps, as in Ho et al. (samples_ddpm1000/)")
+    print(
+        f"5/{parts} sampling {full_ddpm_images} digits with DDPM over all 1000 steps, as in Ho et al. "
+        "(samples_ddpm1000/)"
+    )
     full = sample("samples_ddpm1000", "ddpm", 1000, full_ddpm_images, by_class=False)
+    scores = None
+    if eval_samples:
+        print(
+            f"6/{parts} scoring {eval_samples} DDPM-100 samples against the digits test half, beside the "
+            "real-data floor (eval.json)"
+        )
+        report = run_eval(
+            EvalOptions(
+                reference="digits",
+                checkpoint=str(run_dir),
+                num_samples=eval_samples,
+                metrics=("fid", "kid", "pr"),
+                sampler="ddpm",
+                steps=100,
+                seed=seed,
+                json=str(out / "eval.json"),
+            )
+        )
+        print(format_table(report))
+        scores = {key: round(value, 4) for key, value in report.scores.items()}
     summary = {
         "train_steps": result.steps,
         "train_seconds": round(result.seconds, 1),
@@ -114,6 +142,7 @@ def run_demo(
         "loss_first": round(result.first_loss, 4),
         "loss_final": round(result.final_loss, 4),
         "nfe": {"ddpm_100": ddpm["nfe"], "ddim_50": ddim["nfe"], "ddpm_1000": full["nfe"]},
+        "eval": scores,
         "total_seconds": round(time.perf_counter() - started, 1),
         "pictures": {
             "forward noising": str(out / "noising.png"),
@@ -132,8 +161,17 @@ def run_demo(
         f"{result.seconds:.0f}s at {result.images_per_sec:.0f} images/s; "
         f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}",
         f"model evaluations per image: DDPM {ddpm['nfe']}, DDIM {ddim['nfe']}, full DDPM {full['nfe']}",
+        *([_fid_line(scores, eval_samples)] if scores else []),
         *[f"  {name}: {path}" for name, path in summary["pictures"].items()],
         f"total {summary['total_seconds']:.0f}s; summary in {out / 'summary.json'}",
     ]
     print("\n".join(lines))
     return summary
+
+
+def _fid_line(scores: dict[str, float], count: int) -> str:
+    ratio = scores["fid"] / scores["fid_floor"]
+    return (
+        f"FID {scores['fid']:.3f} over {count} DDPM-100 samples: {ratio:.2f}x the real-data floor "
+        f"{scores['fid_floor']:.3f} (eval.json)"
+    )
