@@ -25,7 +25,7 @@ def test_demo_writes_every_picture_and_scores_its_samples(tmp_path, feature_cach
     assert saved["eval"]["fid"] == round(report["scores"]["fid"], 4)
     assert saved["eval"]["fid_floor"] > 0 and "recall" in saved["eval"] and "kid" in saved["eval"]
     out = capsys.readouterr().out
-    assert "6/6 scoring 12 DDPM-100 samples" in out
+    assert "6/6 scoring 12 DDPM-100 samples" in out and "5/6 sampling 2 digits with DDPM" in out
     ratio = report["scores"]["fid"] / report["scores"]["fid_floor"]
     assert f"FID {report['scores']['fid']:.3f} over 12 DDPM-100 samples: {ratio:.2f}x the real-data floor" in out
 
@@ -34,4 +34,4 @@ def test_demo_without_scoring(tmp_path, capsys):
     summary = run_demo(tmp_path, minutes=0.02, preset="tiny", num_images=1, full_ddpm_images=1, eval_samples=0)
     assert summary["eval"] is None and not (tmp_path / "eval.json").exists()
     out = capsys.readouterr().out
-    assert "5/5 sampling 1 digits" in out and "6/" not in out and "FID" not in out
+    assert "5/5 sampling 1 digit with DDPM" in out and "6/" not in out and "FID" not in out

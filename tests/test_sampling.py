@@ -90,6 +90,19 @@ def test_clipping_ddim_keeps_the_networks_noise_as_diffusers_does():
         sample_ddim(_overshooting, first, sigmas, clip_range=0.0)
 
 
+def test_own_clip_flag_matches_the_samplers_that_take_clip_range():
+    """The registry says which samplers clip x0 themselves; each such sampler takes ``clip_range`` and
+    the flag is set for DDIM alone, so ``generate`` never passes the argument to one that lacks it."""
+    import inspect
+
+    from inkwash.samplers import SAMPLERS
+
+    flagged = {sid for sid, info in SAMPLERS.items() if info.own_clip}
+    assert flagged == {"ddim"}
+    for sid in flagged:
+        assert "clip_range" in inspect.signature(SAMPLERS[sid].fn).parameters
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_sampling_autocasts_the_network_and_stays_close(tiny_denoiser, precision):
     dtypes = []

@@ -41,6 +41,10 @@ DEMO_RECIPE = {
 }
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def run_demo(
     out: str | Path = "demo_out",
     minutes: float = 5.0,
@@ -104,13 +108,13 @@ def run_demo(
             )
         )
 
-    what = f"{per_class} of each digit" if conditional else f"{num_images} digits"
+    what = f"{per_class} of each digit" if conditional else _count(num_images, "digit")
     print(f"3/{parts} sampling {what} with DDPM respaced to 100 steps (samples/)")
     ddpm = sample("samples", "ddpm", 100, num_images)
     print(f"4/{parts} the same {shown} seeds with deterministic DDIM, 50 steps (samples_ddim/)")
     ddim = sample("samples_ddim", "ddim", 50, num_images)
     print(
-        f"5/{parts} sampling {full_ddpm_images} digits with DDPM over all 1000 steps, as in Ho et al. "
+        f"5/{parts} sampling {_count(full_ddpm_images, 'digit')} with DDPM over all 1000 steps, as in Ho et al. "
         "(samples_ddpm1000/)"
     )
     full = sample("samples_ddpm1000", "ddpm", 1000, full_ddpm_images, by_class=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -107,7 +106,7 @@ def generate(
     model_denoiser: Denoiser = counter
     if guidance_scale != 1.0:
         model_denoiser = GuidedDenoiser(model_denoiser, guidance_scale, null_label)
-    if clip_denoised and "clip_range" in inspect.signature(info.fn).parameters:
+    if clip_denoised and info.own_clip:
         options["clip_range"] = 1.0  # DDIM clips x0 itself and keeps the network's noise, as diffusers does
     elif clip_denoised:
         model_denoiser = ClampedDenoiser(model_denoiser)

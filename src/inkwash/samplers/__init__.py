@@ -32,13 +32,16 @@ class SamplerInfo:
     nfe_per_step: int  # model evaluations per step (the last step to sigma = 0 may use fewer)
     default_schedule: str  # the step schedule used when none is named (see the README's table)
     note: str = ""
+    # Clips x0 itself through a ``clip_range`` argument and keeps the network's own noise estimate (DDIM,
+    # as diffusers' DDIM does); the others get a clamped denoiser when clipping is asked for.
+    own_clip: bool = False
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
     info.id: info
     for info in (
         SamplerInfo("ddpm", "DDPM", sample_ddpm, 1, True, 1, "leading"),
-        SamplerInfo("ddim", "DDIM", sample_ddim, 1, False, 1, "leading", "stochastic when eta > 0"),
+        SamplerInfo("ddim", "DDIM", sample_ddim, 1, False, 1, "leading", "stochastic when eta > 0", own_clip=True),
         SamplerInfo("euler", "Euler", sample_euler, 1, False, 1, "leading", "stochastic with s_churn > 0"),
         SamplerInfo("euler_ancestral", "Euler a", sample_euler_ancestral, 1, True, 1, "leading"),
         SamplerInfo("heun", "Heun", sample_heun, 2, False, 2, "leading", "one evaluation on the last step"),
