@@ -510,7 +510,7 @@ def build_parser() -> Parser:
         "--eval-samples",
         type=_nonneg_int,
         default=1000,
-        help="score this many DDPM-100 samples (FID, KID, precision/recall) beside the real-data floor; "
+        help="score this many DDPM-50 samples (FID, KID, precision/recall) beside the real-data floor; "
         "0 skips it (default: %(default)s)",
     )
     return parser
