@@ -510,8 +510,8 @@ def build_parser() -> Parser:
         "--eval-samples",
         type=_nonneg_int,
         default=1000,
-        help="score this many DDPM-50 samples (FID, KID, precision/recall) beside the real-data floor; "
-        "0 skips it (default: %(default)s)",
+        help="score this many samples of the demo's DDPM sampler (FID, KID, precision/recall) beside the "
+        "real-data floor; 0 skips it (default: %(default)s)",
     )
     return parser
 
