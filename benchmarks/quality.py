@@ -16,7 +16,7 @@ Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, lea
 Adam's beta2, the Min-SNR loss weighting, input perturbation and class conditioning with label dropout). A
 class-conditional pair samples on the same labels, stratified by the train half's class frequencies
 (``inkwash.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM respaced to N
-steps, the demo's own sampler at N = 100.
+steps, the demo's own sampler at N = 50 (``inkwash.demo.DEMO_DDPM_STEPS``).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def run_demo(
         "(samples_ddpm1000/)"
     )
     full = sample("samples_ddpm1000", "ddpm", 1000, full_ddpm_images, by_class=False)
-    scores = None
+    scores = fid_line = None
     if eval_samples:
         print(
             f"6/{parts} scoring {eval_samples} DDPM-{DEMO_DDPM_STEPS} samples against the digits test half, beside the "
@@ -145,6 +145,7 @@ def run_demo(
             )
         )
         print(format_table(report))
+        fid_line = _fid_line(report.scores, eval_samples)  # from the unrounded scores, as the table prints them
         scores = {key: round(value, 4) for key, value in report.scores.items()}
     summary = {
         "train_steps": result.steps,
@@ -173,7 +174,7 @@ def run_demo(
         f"{result.seconds:.0f}s at {result.images_per_sec:.0f} images/s; "
         f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}",
         f"model evaluations per image: DDPM {ddpm['nfe']}, DDIM {ddim['nfe']}, full DDPM {full['nfe']}",
-        *([_fid_line(scores, eval_samples)] if scores else []),
+        *([fid_line] if fid_line else []),
         *[f"  {name}: {path}" for name, path in summary["pictures"].items()],
         f"total {summary['total_seconds']:.0f}s; summary in {out / 'summary.json'}",
     ]
