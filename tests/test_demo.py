@@ -37,3 +37,18 @@ def test_demo_without_scoring(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "5/5 sampling 1 digit with DDPM" in out and "FID" not in out
     assert not [line for line in out.splitlines() if line.startswith("6/")]  # no sixth step (paths may hold "6/")
+
+
+def test_a_second_demo_in_the_same_folder_samples_its_own_model(tmp_path, capsys):
+    """The second demo trains fewer steps than the first; everything it reports is of its own model."""
+    first = run_demo(tmp_path, minutes=0.05, preset="tiny", num_images=1, full_ddpm_images=1, eval_samples=0)
+    second = run_demo(tmp_path, minutes=0.01, preset="tiny", num_images=1, full_ddpm_images=1, eval_samples=0)
+    assert second["train_steps"] < first["train_steps"]  # the case where pruning used to keep the old run
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == [f"step_{second['train_steps']:08d}"]
+    assert second["checkpoint"].endswith(kept[0])
+    for folder in ("samples", "samples_ddim", "samples_ddpm1000"):
+        sampled = json.loads((tmp_path / folder / "sampling.json").read_text())
+        assert sampled["checkpoint_step"] == second["train_steps"], folder
+    assert json.loads((tmp_path / "summary.json").read_text())["train_steps"] == second["train_steps"]
+    assert "removed the previous run" in capsys.readouterr().out

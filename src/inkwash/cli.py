@@ -255,6 +255,18 @@ def build_parser() -> Parser:
         help="continue exactly from OUT's newest checkpoint (or start if it has none), or from PATH",
     )
     train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an OUT that already holds a run: the old run is moved aside and deleted",
+    )
+    train.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="deterministic CUDA kernels, so that a resumed GPU run is bitwise exact; CPU training is "
+        "deterministic either way (default: on)",
+    )
+    train.add_argument(
         "--keep-last", type=_positive_int, default=3, help="checkpoints kept in OUT/checkpoints (default: %(default)s)"
     )
     train.add_argument("--log-every", type=_positive_int, default=10, help="steps per log row (default: %(default)s)")
@@ -554,6 +566,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_nonfinite=args.max_nonfinite,
         cond_drop=args.cond_drop,
         resume=args.resume,
+        overwrite=args.overwrite,
+        deterministic=args.deterministic,
         keep_last=args.keep_last,
         log_every=args.log_every,
         sample_every=args.sample_every,

@@ -90,8 +90,10 @@ def run_demo(
         **DEMO_RECIPE,
         checkpoint_every=1000,
         time_limit=minutes * 60,
+        overwrite=True,  # the demo's own folder: a second demo replaces the first demo's run
     )
     result = train(config, data=data)
+    trained = str(result.checkpoint)  # sample and score exactly the model trained just now
 
     conditional = bool(DEMO_RECIPE["class_cond"])
     per_class = max(1, num_images // len(data.class_names))
@@ -105,7 +107,7 @@ def run_demo(
             labels = {"grid_by_class": True, "per_class": per_class} if by_class else {"class_label": "all"}
         return sample_run(
             SampleOptions(
-                checkpoint=str(run_dir),
+                checkpoint=trained,
                 out=str(out / folder),
                 sampler=sampler,
                 steps=steps,
@@ -135,7 +137,7 @@ def run_demo(
         report = run_eval(
             EvalOptions(
                 reference="digits",
-                checkpoint=str(run_dir),
+                checkpoint=trained,
                 num_samples=eval_samples,
                 metrics=("fid", "kid", "pr"),
                 sampler="ddpm",
@@ -149,6 +151,7 @@ def run_demo(
         scores = {key: round(value, 4) for key, value in report.scores.items()}
     summary = {
         "train_steps": result.steps,
+        "checkpoint": trained,
         "train_seconds": round(result.seconds, 1),
         "train_images_per_sec": round(result.images_per_sec, 1),
         "parameters": result.num_parameters,

@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import (
     CHECKPOINTS_DIR,
+    CONFIG_FILE,
     EMA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -137,9 +138,17 @@ def write_training_checkpoint(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     if keep_last is not None:
-        for old in step_dirs(run_dir)[:-keep_last]:
+        own = [path for path in step_dirs(run_dir) if _run_id(path) == config.get("run_id")]
+        for old in own[:-keep_last]:  # another run's checkpoints are never this run's to prune
             _retire(old)
     return final
+
+
+def _run_id(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _retire(path: Path) -> None:
@@ -150,7 +159,8 @@ def _retire(path: Path) -> None:
 
 
 def clean_partial(run_dir: str | Path) -> int:
-    """Remove what a killed writer left behind (temporary and half-deleted directories)."""
+    """Remove what a killed writer left behind (temporary and half-deleted directories). Call it only
+    while holding the folder's lock (``run_folder.claim_run_folder``): then no live writer owns them."""
     folder = Path(run_dir) / CHECKPOINTS_DIR
     if not folder.is_dir():
         return 0

@@ -28,7 +28,7 @@ from .distributed import World, barrier, close_world, gather_bytes, init_world
 from .errors import InkwashError
 from .objectives import LR_SCHEDULES, diffusion_loss, learning_rate
 from .pictures import loss_curve
-from .precision import PRECISIONS, precision_context, precision_warning
+from .precision import PRECISIONS, deterministic_mode, precision_context, precision_warning
 from .progress import progress
 from .resume import (
     TrainingState,
@@ -38,6 +38,7 @@ from .resume import (
     load_training_checkpoint,
     write_training_checkpoint,
 )
+from .run_folder import claim_run_folder, new_run_id
 from .schedule import BETA_SCHEDULES, NoiseSchedule, ScheduleConfig
 from .train_extras import TrainingPictures, make_scaler
 from .unet import PRESETS, UNet, UNetConfig, count_parameters, preset
@@ -94,6 +95,8 @@ class TrainConfig:
     resize_mode: str = "crop"  # "crop": short side then center crop; "resize": squash to a square
     hflip: bool = False  # random horizontal flips of each training batch
     download: bool = False  # fetch missing standard-dataset files (checksummed)
+    overwrite: bool = False  # a fresh run may replace a run already in ``out``
+    deterministic: bool = True  # deterministic CUDA kernels, so that resume is exact on a GPU too
 
     def validate(self) -> None:
         checks = [
@@ -194,8 +197,11 @@ def noise_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + 7919 * (rank + 1)) % (1 << 63)
 
 
-def run_config(config: TrainConfig, unet_config: UNetConfig, schedule: NoiseSchedule, data: ImageData, step: int):
+def run_config(
+    config: TrainConfig, unet_config: UNetConfig, schedule: NoiseSchedule, data: ImageData, step: int, run_id: str
+) -> dict:
     return {
+        "run_id": run_id,
         "unet": unet_config.to_dict(),
         "schedule": schedule.config.to_dict(),
         "prediction": config.prediction,
@@ -265,13 +271,35 @@ def train(
     except ValueError as exc:
         raise InkwashError(str(exc)) from None
     try:
-        return _train(config, data, show_progress and world.is_main, stop, world)
+        run_dir = Path(config.out)
+        resume_from = find_resume_checkpoint(config.resume, run_dir) if config.resume else None
+        # Rank 0 owns the folder for the whole run: no second process may write checkpoints into it,
+        # and a fresh run never mixes its checkpoints with an older run's (see run_folder.py).
+        lock = (
+            claim_run_folder(run_dir, resume_from, config.resume is not None, config.overwrite)
+            if world.is_main
+            else None
+        )
+        try:
+            if lock is not None:
+                clean_partial(run_dir)  # under the lock, whatever is half-written here is a dead writer's
+            barrier(world)
+            with deterministic_mode(config.deterministic, world.device):
+                return _train(config, data, show_progress and world.is_main, stop, world, resume_from)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         close_world(world)
 
 
 def _train(
-    config: TrainConfig, data: ImageData | None, show_progress: bool, stop: Callable[[int], bool] | None, world: World
+    config: TrainConfig,
+    data: ImageData | None,
+    show_progress: bool,
+    stop: Callable[[int], bool] | None,
+    world: World,
+    resume_from: Path | None,
 ) -> TrainResult:
     device = world.device
     if config.precision == "fp16" and device.type != "cuda":
@@ -302,10 +330,6 @@ def _train(
         ScheduleConfig(beta_schedule=config.beta_schedule, zero_terminal_snr=config.zero_terminal_snr)
     )
     run_dir = Path(config.out)
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial(run_dir)
-    barrier(world)
 
     # Three random streams: the data order (shared by all ranks, each taking its slice of a global
     # batch), each rank's noise stream, and each rank's global generator (dropout).
@@ -320,15 +344,16 @@ def _train(
     scaler = make_scaler(config.precision, device)
     batches = EpochSampler(len(data), config.batch_size * world.size, data_rng)
     step, counters = 0, {"nonfinite_total": 0, "nonfinite_streak": 0}
-    wanted = run_config(config, unet_config, schedule, data, 0)
+    run_id = new_run_id()
+    wanted = run_config(config, unet_config, schedule, data, 0, run_id)
 
-    resume_from = find_resume_checkpoint(config.resume, run_dir) if config.resume else None
     if config.resume and resume_from is None and world.is_main:
         print(f"no checkpoint in {run_dir} yet; starting from step 0")
     log_rows: list[dict] = []
     if resume_from is not None:
         saved = read_config(resume_from)
         check_compatible(saved, wanted, resume_from)
+        run_id = saved.get("run_id") or run_id  # the run goes on under its own identity
         if saved.get("data", {}).get("num_images") != len(data):
             raise InkwashError(
                 f"cannot resume from {resume_from}: it was trained on {saved.get('data', {}).get('num_images')} "
@@ -454,7 +479,7 @@ def _train(
                     log_written = time.perf_counter()
                     last_checkpoint = write_training_checkpoint(
                         run_dir,
-                        run_config(config, unet_config, schedule, data, step),
+                        run_config(config, unet_config, schedule, data, step, run_id),
                         model,
                         ema,
                         optimizer,
