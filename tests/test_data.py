@@ -2,6 +2,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import struct
 import tarfile
 import zlib
@@ -419,17 +420,17 @@ def test_cifar10_python_version_is_refused(tmp_path):
 # --- downloads (file:// URLs to files the test writes; nothing touches the network) --------------
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _serve_mnist(tmp_path, monkeypatch, corrupt_labels=False):
     source = tmp_path / "server"
     images, labels = _tiny_mnist(5)
     _write_idx_split(source, "train", images, labels, gz=True)
-    checksums = {p.name: _md5(p.read_bytes()) for p in source.iterdir()}
+    checksums = {p.name: _sha256(p.read_bytes()) for p in source.iterdir()}
     if corrupt_labels:
-        checksums["train-labels-idx1-ubyte.gz"] = "0" * 32
+        checksums["train-labels-idx1-ubyte.gz"] = "0" * 64
     monkeypatch.setitem(datasets_std.DOWNLOADS, "mnist", (source.as_uri() + "/", checksums))
     return images, labels
 
@@ -448,14 +449,58 @@ def test_download_verifies_and_places_files(tmp_path, monkeypatch):
 def test_download_checksum_mismatch_deletes_the_file(tmp_path, monkeypatch):
     _serve_mnist(tmp_path, monkeypatch, corrupt_labels=True)
     data_dir = tmp_path / "data"
-    with pytest.raises(InkwashError, match=r"checksum mismatch.*deleted"):
+    with pytest.raises(InkwashError, match=r"checksum mismatch.*deleted") as raised:
         load_data("mnist", 1, 28, show_progress=False, data_dir=data_dir, download=True)
     assert [p.name for p in (data_dir / "mnist").iterdir()] == ["train-images-idx3-ubyte.gz"]  # no .part left
+    assert f"expected sha256 {'0' * 64}, got " in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_every_standard_download_is_https_and_sha256():
+    assert set(datasets_std.DOWNLOADS) == set(datasets_std.STANDARD_DATASETS)
+    for name, (base, checksums) in datasets_std.DOWNLOADS.items():
+        assert base.startswith("https://") and base.endswith("/"), name
+        assert checksums, name
+        for file, checksum in checksums.items():
+            assert (base + file).startswith("https://"), (name, file)
+            assert re.fullmatch(r"[0-9a-f]{64}", checksum), (name, file, checksum)
+    # The files the loaders fetch are exactly the ones with a checksum.
+    for name in ("mnist", "fashion-mnist"):
+        stems = [stem for split in datasets_std.SPLITS for stem in datasets_std.IDX_FILES[split]]
+        assert sorted(datasets_std.DOWNLOADS[name][1]) == sorted(f"{stem}.gz" for stem in stems)
+    assert list(datasets_std.DOWNLOADS["cifar10"][1]) == [datasets_std.CIFAR_ARCHIVE]
+    # No two files share a checksum (a copy-paste slip would).
+    all_checksums = [c for _, checksums in datasets_std.DOWNLOADS.values() for c in checksums.values()]
+    assert len(set(all_checksums)) == len(all_checksums)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://example.invalid/train-images-idx3-ubyte.gz", "ftp://example.invalid/x.gz", "example.invalid/x"]
+)
+def test_download_refuses_a_url_that_is_not_https(tmp_path, url):
+    with pytest.raises(InkwashError, match=r"refusing to download .*only https") as raised:
+        datasets_std.download(url, tmp_path / "x", "0" * 64, show_progress=False)
+    assert "\n" not in str(raised.value)
+    assert not list(tmp_path.iterdir())  # nothing created, not even the folder's temporary .part
+
+
+def test_download_refuses_an_https_url_that_redirects_to_http(tmp_path, monkeypatch):
+    class Redirected(io.BytesIO):
+        @property
+        def headers(self):
+            return {}
+
+        def geturl(self):
+            return "http://example.invalid/x"
+
+    monkeypatch.setattr(datasets_std.urllib.request, "urlopen", lambda url, timeout: Redirected(b"data"))
+    with pytest.raises(InkwashError, match=r"refusing to download https://example.invalid/x: it redirects to http://"):
+        datasets_std.download("https://example.invalid/x", tmp_path / "x", _sha256(b"data"), show_progress=False)
+    assert not list(tmp_path.iterdir())  # neither the file nor its temporary .part
 
 
 def test_download_failure_is_a_clear_error(tmp_path):
     with pytest.raises(InkwashError, match=r"download of .* failed"):
-        datasets_std.download((tmp_path / "nowhere" / "x").as_uri(), tmp_path / "x", "0" * 32, show_progress=False)
+        datasets_std.download((tmp_path / "nowhere" / "x").as_uri(), tmp_path / "x", "0" * 64, show_progress=False)
     assert not list(tmp_path.iterdir())  # neither the file nor its temporary .part
 
 
@@ -470,7 +515,7 @@ def test_cifar10_download_extracts_only_the_expected_members(tmp_path, monkeypat
     source = tmp_path / "server"
     source.mkdir()
     (source / "cifar-10-binary.tar.gz").write_bytes(archive.getvalue())
-    checksums = {"cifar-10-binary.tar.gz": _md5(archive.getvalue())}
+    checksums = {"cifar-10-binary.tar.gz": _sha256(archive.getvalue())}
     monkeypatch.setitem(datasets_std.DOWNLOADS, "cifar10", (source.as_uri() + "/", checksums))
     data_dir = tmp_path / "data"
     data = load_data("cifar10", 3, 32, show_progress=False, data_dir=data_dir, download=True)

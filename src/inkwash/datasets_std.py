@@ -1,4 +1,4 @@
-"""MNIST, Fashion-MNIST and CIFAR-10 read from their official binary formats, with checksummed downloads.
+"""MNIST, Fashion-MNIST and CIFAR-10 read from their official binary formats, with https downloads checked by SHA-256.
 
 MNIST and Fashion-MNIST are IDX files (LeCun et al. 1998): a big-endian header of magic, then one
 uint32 per dimension, then the raw bytes. CIFAR-10 is read from its *binary* version (Krizhevsky
@@ -15,6 +15,7 @@ import struct
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
 
@@ -52,37 +53,67 @@ CIFAR_META = "batches.meta.txt"
 CIFAR_ARCHIVE = "cifar-10-binary.tar.gz"
 CIFAR_RECORD = 1 + 3 * 32 * 32
 
-# name -> (base URL, {file name: md5}). The MD5s are the ones the datasets' authors publish.
+# name -> (base URL, {file name: sha256}). Every base URL is https. The SHA-256s are those of the
+# authors' original files (the ones whose MD5s the authors publish), as recorded in TensorFlow
+# Datasets' url_checksums/{mnist,fashion_mnist,cifar10}.txt; the byte sizes in the comments too.
+# The MNIST files on PyTorch's S3 mirror are byte for byte LeCun's originals, and Fashion-MNIST is
+# served from the data folder of Zalando's official repository, which holds the same files as
+# their http-only S3 website.
 DOWNLOADS: dict[str, tuple[str, dict[str, str]]] = {
     "mnist": (
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
         {
-            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+            # 9,912,422 bytes
+            "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            # 28,881 bytes
+            "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            # 1,648,877 bytes
+            "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            # 4,542 bytes
+            "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
         },
     ),
     "fashion-mnist": (
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
         {
-            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+            # 26,421,880 bytes
+            "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            # 29,515 bytes
+            "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            # 4,422,102 bytes
+            "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            # 5,148 bytes
+            "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
         },
     ),
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/", {CIFAR_ARCHIVE: "c32a1d4ab5d03f1284b67883e8d87530"}),
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/",
+        # 170,052,171 bytes
+        {CIFAR_ARCHIVE: "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"},
+    ),
 }
 
+# https for the network; file:// only reads a local file (a local mirror, or the tests' fake server).
+ALLOWED_SCHEMES = ("https", "file")
 
-def download(url: str, dest: Path, md5: str, show_progress: bool = True) -> None:
-    """Fetch ``url`` into a temporary file next to ``dest``, check its MD5, then rename it into place."""
+
+def download(url: str, dest: Path, sha256: str, show_progress: bool = True) -> None:
+    """Fetch ``url`` into a temporary file next to ``dest``, check its SHA-256, then rename it into place.
+
+    Only https (and file://, which reads a local file) URLs are accepted: a plain http download is refused.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ALLOWED_SCHEMES:
+        raise InkwashError(f"refusing to download {url}: only https URLs are allowed, not {scheme or 'no scheme'}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    digest = hashlib.md5(usedforsecurity=False)
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            if urllib.parse.urlsplit(response.geturl()).scheme.lower() not in ALLOWED_SCHEMES:
+                raise InkwashError(
+                    f"refusing to download {url}: it redirects to {response.geturl()}, which is not https"
+                )
             total = int(response.headers.get("Content-Length") or 0) or None
             desc = f"downloading {dest.name}"
             with progress(total=total, desc=desc, unit="B", unit_scale=True, disable=not show_progress) as bar:
@@ -92,9 +123,10 @@ def download(url: str, dest: Path, md5: str, show_progress: bool = True) -> None
                     bar.update(len(chunk))
             out.flush()
             os.fsync(out.fileno())
-        if digest.hexdigest() != md5:
+        if digest.hexdigest() != sha256:
             raise InkwashError(
-                f"checksum mismatch for {url}: expected md5 {md5}, got {digest.hexdigest()}; the download was deleted"
+                f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}; "
+                "the download was deleted"
             )
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as exc:
