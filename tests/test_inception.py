@@ -187,13 +187,29 @@ def test_preprocessing_is_pytorch_fids(monkeypatch):
         network.features(torch.zeros(1, 2, 16, 16))
 
 
+def test_features_are_computed_without_tf32(monkeypatch):
+    """cuDNN convolves in TF32 by default on recent GPUs; FID features must be IEEE fp32 throughout."""
+    network = FIDInceptionV3()
+    seen = []
+
+    def record(x):
+        seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return x.mean(dim=(2, 3))
+
+    monkeypatch.setattr(network, "pool3", record)
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    network.features(torch.zeros(1, 1, 16, 16))
+    assert seen == [("ieee", "ieee")]
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+
+
 def test_random_weights_round_trip_to_2048_features(tmp_path):
     state = random_state()
     path = tmp_path / "inception.safetensors"
     save_file(state, str(path))
     extractor = get_extractor("inception", inception_weights=path)
     loaded = extractor.network.state_dict()
-    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+    assert all(torch.equal(loaded[name].cpu(), tensor) for name, tensor in state.items())  # cuda when present
     assert all(t.dtype == torch.float32 for t in extractor.network.parameters())
     assert extractor.identity == f"inception-fid:{weights_hash(extractor.network)}"
     shapes = {}

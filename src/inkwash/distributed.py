@@ -38,7 +38,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but PyTorch sees no GPU")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"local rank {local_rank} has no GPU of its own (PyTorch sees {torch.cuda.device_count()}); "
+                "start at most one process per GPU, or use --device cpu"
+            )
+        return torch.device("cuda", local_rank)
     if name == "cpu":
         return torch.device("cpu")
     raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
@@ -51,6 +56,15 @@ def init_world(device: str = "auto") -> World:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     target = resolve_device(device, local_rank)
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    if target.type == "cuda" and local_size > torch.cuda.device_count():
+        # NCCL needs one GPU per process ("Duplicate GPU detected"); sharing one would also be slower.
+        # Every rank sees the same counts, so all of them stop here instead of hanging in a collective.
+        raise ValueError(
+            f"torchrun started {local_size} processes on this machine but PyTorch sees "
+            f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node {torch.cuda.device_count()} or fewer, "
+            "or --device cpu to train on the CPU (gloo)"
+        )
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if not dist.is_initialized():
@@ -69,24 +83,6 @@ def barrier(world: World) -> None:
             dist.barrier(device_ids=[world.device.index])
         else:
             dist.barrier()
-
-
-def any_rank(world: World, flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any: ranks must agree before skipping a step or
-    stopping, or the next collective would wait forever for the ranks that went on."""
-    if not world.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=world.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
-
-
-def mean_over_ranks(world: World, value: float) -> float:
-    if not world.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=world.device)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / world.size
 
 
 def gather_bytes(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -54,7 +54,7 @@ class MetricSettings:
     pr_k: int = 3
     nll_terms: int | None = 100  # None: all T - 1 KL terms
     seed: int = 0
-    cache: str | None = None  # None: reference.cache_dir()
+    cache: str | None = None  # None: inkwash.data_cache.cache_root()
 
     def validate(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]

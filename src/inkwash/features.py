@@ -32,8 +32,8 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors
 from .data import split_indices
+from .data_cache import cache_root
 from .errors import InkwashError
-from .reference import cache_dir
 
 FEATURES = {
     "digits": "penultimate layer of a CNN classifier trained on the digits' train half (1x16x16 input)",
@@ -196,7 +196,7 @@ def digits_classifier(
     directory: str | Path | None = None, show_progress: bool = False
 ) -> tuple[DigitsClassifier, dict]:
     """The cached digits classifier and its record (test accuracy, recipe), trained on first use."""
-    folder = Path(directory or cache_dir()) / "features"
+    folder = Path(directory or cache_root()) / "features"
     stem = f"digits-classifier-v{CLASSIFIER_VERSION}"
     weights_path, record_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     model = DigitsClassifier(CLASSIFIER_RECIPE["width"], CLASSIFIER_RECIPE["features"])

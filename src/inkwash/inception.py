@@ -23,8 +23,9 @@ from safetensors.torch import save
 from torch import nn
 
 from .checkpoint import atomic_write_bytes, load_tensors
+from .data_cache import cache_root
 from .errors import InkwashError
-from .reference import cache_dir
+from .precision import full_fp32
 
 WEIGHTS_NAME = "pt_inception-2015-12-05.safetensors"
 WEIGHTS_ENV = "INKWASH_INCEPTION_WEIGHTS"
@@ -209,14 +210,15 @@ class FIDInceptionV3(nn.Module):
             x = x.expand(-1, 3, -1, -1)  # (N, 3, H, W): grayscale as three equal channels
         if x.shape[1] != 3:
             raise InkwashError(f"Inception features need 1 or 3 channels, got {x.shape[1]}")
-        if tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        return self.pool3(x).cpu()
+        with full_fp32():  # cuDNN would otherwise convolve in TF32 on a GPU, off the reference graph
+            if tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
+                x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            return self.pool3(x).cpu()
 
 
 def weights_path(path: str | Path | None = None) -> Path:
     """``path`` if given, else $INKWASH_INCEPTION_WEIGHTS, else the cache directory's pt_inception file."""
-    chosen = path or os.environ.get(WEIGHTS_ENV) or Path(cache_dir()) / WEIGHTS_NAME
+    chosen = path or os.environ.get(WEIGHTS_ENV) or cache_root() / WEIGHTS_NAME
     return Path(chosen).expanduser()
 
 

@@ -34,3 +34,63 @@ def precision_warning(precision: str, device: torch.device) -> str | None:
         f"warning: this CPU has no {precision} convolution kernels (no {kernels}); "
         f"--precision {precision} will be many times slower than fp32 here"
     )
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to pick deterministic reductions (CUDA docs, "Reproducibility")
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool, device: torch.device):
+    """Deterministic CUDA kernels for the duration of a training run, restored afterwards.
+
+    On a GPU, embedding backward and some convolution algorithms accumulate with atomics in an order
+    that changes from run to run, so a stopped and resumed run drifts from an uninterrupted one. This
+    turns on ``torch.use_deterministic_algorithms``, fixes cuBLAS's workspace, and makes cuDNN pick
+    deterministic algorithms without benchmarking. CPU kernels are deterministic already: nothing to do.
+    """
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """IEEE fp32 for convolutions and matrix products on a GPU, restored afterwards.
+
+    PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default on Ampere and newer GPUs.
+    Feature networks for FID must compute what the reference graph computes, so they turn it off.
+    """
+    if not hasattr(torch.backends.cudnn, "conv"):  # PyTorch before 2.9: the legacy flags
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            previous_matmul = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                yield
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous_matmul
+        return
+    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    previous = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, value in zip(backends, previous, strict=True):
+            backend.fp32_precision = value

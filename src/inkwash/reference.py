@@ -37,12 +37,6 @@ CACHE_FORMAT = 1
 NPZ_IMAGE_KEYS = ("samples", "images")
 
 
-def cache_dir() -> Path:
-    """Where inkwash keeps trained feature networks and reference features: $INKWASH_CACHE, else
-    ~/.cache/inkwash."""
-    return cache_root()
-
-
 @dataclass
 class Reference:
     """Real images (N, C, H, W) in [-1, 1] with their fixed train / test halves."""
@@ -154,7 +148,7 @@ def reference_features(
     """Features (N, F) of the train and test halves, from the cache when its key matches, else
     computed with ``extract`` and written atomically."""
     key = cache_key(reference, extractor_identity)
-    path = Path(directory or cache_dir()) / "reference" / f"{key[:32]}.npz"
+    path = Path(directory or cache_root()) / "reference" / f"{key[:32]}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as cached:
