@@ -140,8 +140,8 @@ def test_pruning_only_removes_the_runs_own_checkpoints(old_run):
 
 def test_cli_refusal_is_one_line(tmp_path):
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "inkwash", "train", "--data", "digits", "--out", str(out), "--preset", "tiny", "--steps", "2"]
-    command += ["--batch-size", "4", "--checkpoint-every", "2"]
+    command = [sys.executable, "-m", "inkwash", "train", "--data", "digits", "--out", str(out), "--preset", "tiny"]
+    command += ["--steps", "2", "--batch-size", "4", "--checkpoint-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert subprocess.run(command, capture_output=True, env=env, timeout=300).returncode == 0
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
