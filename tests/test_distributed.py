@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from inkwash.checkpoint import load_tensors, resolve_checkpoint
+from inkwash.distributed import init_world
+from inkwash.errors import InkwashError
+from inkwash.train import TrainConfig, train
 
 # Each rank records a digest of its own weights after training, and the loss of its model on a fixed
 # held-out set of (image, timestep, noise): a low-variance measure of how well the run trained.
@@ -28,8 +31,9 @@ def spy(ema, model, decay):
         models.append(model)
     original(ema, model, decay)
 trainer.ema_update = spy
+# device="cpu": these tests are of gloo on the CPU, whatever GPUs the machine has.
 config = trainer.TrainConfig(out=out, preset="tiny", steps=steps, batch_size=batch, lr=2e-3, warmup_steps=5,
-                             log_every=1, checkpoint_every=1000, resume="latest" if resume else None)
+                             log_every=1, checkpoint_every=1000, resume="latest" if resume else None, device="cpu")
 trainer.train(config, show_progress=False)
 model = models[0].eval()
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
@@ -91,3 +95,35 @@ def test_two_process_resume_is_bitwise_identical(runs, tmp_path):
     straight = load_tensors(resolve_checkpoint(runs / "two") / "ema.safetensors")
     resumed = load_tensors(resolve_checkpoint(tmp_path / "split") / "ema.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.fixture
+def two_ranks_one_gpu(monkeypatch):
+    """What torchrun --nproc_per_node 2 looks like to rank 0 on a machine with one GPU."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("must stop before taking a GPU"))
+
+
+def test_more_ranks_than_gpus_stop_with_one_line_before_joining(two_ranks_one_gpu):
+    for device in ("auto", "cuda"):
+        with pytest.raises(ValueError, match=r"2 processes .* 1 GPU\(s\); use --nproc_per_node 1 or fewer"):
+            init_world(device)
+
+
+def test_more_ranks_than_gpus_is_a_user_error_in_train(two_ranks_one_gpu, tmp_path):
+    with pytest.raises(InkwashError, match="--device cpu"):
+        train(TrainConfig(out=str(tmp_path / "r"), preset="tiny", steps=1), show_progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_local_rank_without_its_own_gpu_is_refused(monkeypatch):
+    from inkwash.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="local rank 2 has no GPU of its own"):
+        resolve_device("cuda", 2)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from inkwash.precision import PRECISIONS, precision_context, precision_warning
+from inkwash.precision import PRECISIONS, deterministic_mode, precision_context, precision_warning
 
 
 def test_fp32_is_no_autocast_and_the_others_autocast_to_their_dtype():
@@ -29,3 +29,57 @@ def test_warning_only_for_low_precision_on_a_cpu_without_its_kernels():
     assert (warning is None) == has_bf16
     if warning is not None:
         assert "no bf16 convolution kernels" in warning and "--precision bf16" in warning
+
+
+def _determinism_flags():
+    return (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+
+
+def test_deterministic_mode_sets_every_cuda_switch_and_restores_them(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = _determinism_flags()
+    torch.backends.cudnn.benchmark = True  # as a user who benchmarks might have left it
+    try:
+        with deterministic_mode(True, torch.device("cuda")):
+            assert _determinism_flags() == (True, True, False)
+            import os
+
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.benchmark is True and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark = before[2]
+    assert _determinism_flags() == before
+
+
+def test_deterministic_mode_leaves_the_cpu_and_an_opt_out_alone(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = _determinism_flags()
+    for enabled, device in ((True, "cpu"), (False, "cuda")):
+        with deterministic_mode(enabled, torch.device(device)):
+            assert _determinism_flags() == before
+    import os
+
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_training_runs_in_deterministic_mode_unless_told_not_to(monkeypatch, tmp_path):
+    import inkwash.train as trainer
+
+    seen = []
+    original = trainer.deterministic_mode
+
+    def spy(enabled, device):
+        seen.append((enabled, device.type))
+        return original(enabled, device)
+
+    monkeypatch.setattr(trainer, "deterministic_mode", spy)
+    for index, flag in enumerate((True, False)):
+        config = trainer.TrainConfig(out=str(tmp_path / str(index)), preset="tiny", steps=1, batch_size=2, device="cpu")
+        config.deterministic = flag
+        trainer.train(config, show_progress=False)
+    assert seen == [(True, "cpu"), (False, "cpu")]
+    assert trainer.TrainConfig().deterministic is True  # on by default
