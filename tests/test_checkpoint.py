@@ -110,3 +110,32 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_optimizer_state_round_trip_keeps_every_tensor(tmp_path):
+    """Every AdamW state tensor (step, exp_avg, exp_avg_sq) and every group setting comes back exactly."""
+    from inkwash.checkpoint import save_checkpoint
+    from inkwash.objectives import diffusion_loss
+    from inkwash.schedule import NoiseSchedule
+    from inkwash.train import make_optimizer
+
+    torch.manual_seed(0)
+    model = UNet(preset("tiny"))
+    optimizer = make_optimizer(model, 1e-3, weight_decay=0.01, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        diffusion_loss(model, NoiseSchedule(), torch.randn(4, 1, 16, 16), generator).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_checkpoint(tmp_path, {}, model, model, optimizer)
+    fresh = make_optimizer(UNet(preset("tiny")), 5.0)  # other settings, empty state
+    load_optimizer_state(fresh, tmp_path / "optimizer.safetensors")
+    saved, loaded = optimizer.state_dict(), fresh.state_dict()
+    assert loaded["param_groups"] == saved["param_groups"]
+    assert saved["state"].keys() == loaded["state"].keys() and len(saved["state"]) == len(list(model.parameters()))
+    for index, entry in saved["state"].items():
+        assert entry.keys() == loaded["state"][index].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for name, tensor in entry.items():
+            again = loaded["state"][index][name]
+            assert again.dtype == tensor.dtype and torch.equal(again, tensor), (index, name)
+    assert any(entry["exp_avg_sq"].abs().max() > 0 for entry in saved["state"].values())  # not a trivial state

@@ -135,9 +135,67 @@ def test_a_bf16_training_step_is_finite_and_close_to_fp32(tmp_path, digits):
         assert (a - b).abs().max().item() < 2.5e-3
 
 
-def test_fp16_on_cpu_is_a_clear_error(tmp_path, digits):
-    with pytest.raises(InkwashError, match="fp16 needs a GPU"):
-        train(tiny(tmp_path, device="cpu", precision="fp16"), data=digits, show_progress=False)
+def _scaler_state(run_dir):
+    from inkwash.checkpoint import step_dirs
+    from inkwash.resume import load_state
+
+    return load_state(step_dirs(run_dir)[-1] / "state.safetensors").scaler
+
+
+def test_fp16_trains_on_a_cpu_with_the_loss_scaler(tmp_path, digits):
+    """CPU autocast to fp16 takes the same path as a GPU's: scaled loss, unscale, clip, scaler step."""
+    from inkwash.train_extras import make_scaler
+
+    assert isinstance(make_scaler("fp16", torch.device("cpu")), torch.amp.GradScaler)
+    assert make_scaler("bf16", torch.device("cpu")) is None and make_scaler("fp32", torch.device("cpu")) is None
+    result = train(tiny(tmp_path, steps=3, device="cpu", precision="fp16"), data=digits, show_progress=False)
+    assert math.isfinite(result.final_loss) and result.skipped_steps == 0
+    state = _scaler_state(tmp_path)
+    assert state["scale"] == 2.0**16 and state["_growth_tracker"] == 3  # three good steps at the initial scale
+
+
+def test_fp16_overflow_skips_the_step_and_backs_the_scale_off(tmp_path, digits, monkeypatch):
+    """Start at a loss scale of 2^24, where the fp16 gradients overflow: each such step is skipped,
+    the scale halves, and training goes on once the gradients fit."""
+    import inkwash.train as trainer
+
+    monkeypatch.setattr(
+        trainer, "make_scaler", lambda precision, device: torch.amp.GradScaler(device.type, init_scale=2.0**24)
+    )
+    result = train(
+        tiny(tmp_path, steps=12, device="cpu", precision="fp16", max_nonfinite=12), data=digits, show_progress=False
+    )
+    state = _scaler_state(tmp_path)
+    assert 1 <= result.skipped_steps < 12
+    assert state["scale"] == 2.0**24 * 0.5**result.skipped_steps  # one back-off per skipped step
+    assert state["_growth_tracker"] == 12 - result.skipped_steps  # the good steps after the last overflow
+    model, _, _ = load_model(tmp_path, use_ema=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert read_log(tmp_path / "log.csv")["skipped"][-1] == result.skipped_steps
+
+
+def test_fp16_stops_after_max_nonfinite_steps_in_a_row(tmp_path, digits):
+    all_bad = ImageData(torch.full_like(digits.images, float("nan")), None, None, "nan")
+    with pytest.raises(InkwashError, match="2 non-finite steps in a row"):
+        train(
+            tiny(tmp_path, steps=10, device="cpu", precision="fp16", max_nonfinite=2), data=all_bad, show_progress=False
+        )
+
+
+def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path, digits, monkeypatch):
+    import inkwash.train as trainer
+
+    monkeypatch.setattr(
+        trainer, "make_scaler", lambda precision, device: torch.amp.GradScaler(device.type, init_scale=2.0**24)
+    )
+    settings = dict(device="cpu", precision="fp16", max_nonfinite=12, checkpoint_every=3)
+    train(tiny(tmp_path / "straight", steps=10, **settings), data=digits, show_progress=False)
+    train(tiny(tmp_path / "split", steps=3, **settings), data=digits, show_progress=False)
+    train(tiny(tmp_path / "split", steps=10, resume="latest", **settings), data=digits, show_progress=False)
+    assert _scaler_state(tmp_path / "split") == _scaler_state(tmp_path / "straight")
+    straight, _, _ = load_model(tmp_path / "straight", use_ema=False)
+    split, _, _ = load_model(tmp_path / "split", use_ema=False)
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), split.parameters(), strict=True))
 
 
 def test_label_dropout_feeds_the_null_class_at_the_requested_rate(tmp_path, digits, monkeypatch):
@@ -237,3 +295,37 @@ def test_grad_accum_draws_micro_batches_per_optimizer_step(tmp_path, digits, mon
     result = train(tiny(tmp_path, steps=3, batch_size=4, grad_accum=2), data=digits, show_progress=False)
     assert draws == [4] * 6 and result.steps == 3
     assert result.images_per_sec == pytest.approx(3 * 8 / result.seconds, rel=1e-6)
+
+
+def test_two_micro_batches_of_4_give_the_gradient_of_one_batch_of_8(tmp_path, digits, monkeypatch):
+    """The same eight images with the same (t, noise) each: the accumulated gradient that reaches the
+    optimizer must equal the one-batch gradient. Without the division by --grad-accum it is twice as large."""
+    import inkwash.train as trainer
+
+    original_loss, original_clip = trainer.diffusion_loss, torch.nn.utils.clip_grad_norm_
+
+    def per_image_noise(model, schedule, x0, generator, prediction, **kwargs):
+        # Each image draws its t and noise from a generator seeded by its own pixels, so the draws do
+        # not depend on how the batch is split.
+        losses = []
+        for image in x0:
+            seed = int(image.double().abs().sum().item() * 1e4)
+            losses.append(original_loss(model, schedule, image[None], torch.Generator().manual_seed(seed), prediction))
+        return torch.stack(losses).mean()
+
+    gradients = {}
+
+    def record(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        gradients[run] = [p.grad.detach().clone() for p in parameters]
+        return original_clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", per_image_noise)
+    monkeypatch.setattr(trainer.nn.utils, "clip_grad_norm_", record)
+    for run, (batch_size, grad_accum) in {"one": (8, 1), "two": (4, 2)}.items():
+        config = tiny(tmp_path / run, steps=1, batch_size=batch_size, grad_accum=grad_accum, dropout=0.0, device="cpu")
+        train(config, data=digits, show_progress=False)
+    one, two = gradients["one"], gradients["two"]
+    assert len(one) == len(two) and any(g.abs().max() > 0 for g in one)
+    for a, b in zip(one, two, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()

@@ -95,6 +95,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | Path) -> 
     tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as handle:
         groups = json.loads(handle.metadata()["param_groups"])
+    for group, current in zip(groups, optimizer.param_groups, strict=False):
+        for key, value in group.items():  # JSON has no tuples: betas come back as the tuple they were
+            if isinstance(value, list) and isinstance(current.get(key), tuple):
+                group[key] = tuple(value)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)

@@ -231,7 +231,7 @@ def build_parser() -> Parser:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16", "fp16"],
-        help="bf16 autocast (CPU or GPU) or fp16 with loss scaling (GPU) (default: %(default)s)",
+        help="bf16 autocast, or fp16 autocast with loss scaling (for GPUs; slow on most CPUs) (default: %(default)s)",
     )
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     train.add_argument("--channels-last", action="store_true", help="channels_last memory format")

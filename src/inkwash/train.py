@@ -302,8 +302,6 @@ def _train(
     resume_from: Path | None,
 ) -> TrainResult:
     device = world.device
-    if config.precision == "fp16" and device.type != "cuda":
-        raise InkwashError("--precision fp16 needs a GPU (its loss scaling is a CUDA feature); use bf16 on a CPU")
     warning = precision_warning(config.precision, device)
     if warning and world.is_main:
         print(warning, file=sys.stderr)
