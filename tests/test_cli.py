@@ -327,3 +327,127 @@ def test_v_prediction_with_zero_terminal_snr(tmp_path):
         run_cli("train", "--data", "digits", "--out", str(run), "--zero-terminal-snr"),
         "--zero-terminal-snr needs --prediction v or x0",
     )
+
+
+# --- output folders that cannot be created or written: one line naming the path and the reason ---
+
+
+def assert_one_error_line(result, pattern: str) -> None:
+    """Exit status 1 and one error line matching ``pattern`` (progress bars may have run before it)."""
+    import re
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.match(pattern, errors[0]), result.stderr
+
+
+TRAIN_TINY = ("--data", "digits", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--checkpoint-every", "2")
+
+
+def run_cli_limited(*args, max_file_bytes: int):
+    """The CLI with files capped at ``max_file_bytes``: writes past it fail as on a full disk (EFBIG),
+    and this works for root too, whom permissions do not stop."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return subprocess.run(
+        [sys.executable, "-m", "inkwash", *args], capture_output=True, text=True, timeout=300, preexec_fn=limit
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("train", *TRAIN_TINY, "--out", "{bad}/run"),
+        ("sample", "--checkpoint", "{run}", "--steps", "2", "--num-images", "2", "--out", "{bad}/samples"),
+        ("noise", "--data", "digits", "--out", "{bad}/strip.png"),
+        (
+            "eval",
+            "--checkpoint",
+            "{run}",
+            "--reference",
+            "digits",
+            "--num-samples",
+            "4",
+            "--steps",
+            "2",
+            "--features",
+            "random",
+            "--json",
+            "{bad}/eval.json",
+        ),
+    ],
+    ids=["train", "sample", "noise", "eval"],
+)
+@pytest.mark.parametrize("where", ["proc", "under_a_file"])
+def test_an_output_folder_that_cannot_be_created_is_one_line(trained_run, tmp_path, command, where):
+    if where == "proc":
+        bad = "/proc/inkwash-x"  # the issue's own example: no folder can be made there, even by root
+    else:
+        (tmp_path / "file").write_text("not a folder")
+        bad = str(tmp_path / "file")
+    args = [part.format(bad=bad, run=trained_run) for part in command]
+    result = run_cli(*args)
+    assert result.returncode == 1
+    reason = "No such file or directory" if where == "proc" else "(Not a directory|a file is in the way of a folder)"
+    assert_one_error_line(result, rf"inkwash {command[0]}: error: cannot use {bad}\S*: {reason}$")
+
+
+def test_a_full_disk_while_sampling_is_one_line_and_names_the_file(trained_run, tmp_path):
+    out = tmp_path / "full"
+    result = run_cli_limited(
+        "sample",
+        "--checkpoint",
+        str(trained_run),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        max_file_bytes=64,
+    )
+    assert_one_error_line(result, rf"inkwash sample: error: cannot write {out}/\S+: File too large$")
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written temporaries left
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", *TRAIN_TINY, "--out", str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_00000002").iterdir()}
+    result = run_cli_limited(
+        "train",
+        *TRAIN_TINY[:-4],
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--resume",
+        "latest",
+        "--out",
+        str(out),
+        max_file_bytes=4096,
+    )
+    assert_one_error_line(result, rf"inkwash train: error: cannot write {out}/checkpoints/\S+: File too large$")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]  # nothing half-made
+    after = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_00000002").iterdir()}
+    assert after == before
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+    reason="root writes through permissions; the file-size tests above cover root",
+)
+def test_a_read_only_folder_is_one_line(trained_run, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = run_cli("sample", "--checkpoint", str(trained_run), "--out", str(locked / "s"), "--steps", "2")
+        assert_one_error_line(result, rf"inkwash sample: error: cannot write {locked}/s\S*: Permission denied$")
+    finally:
+        locked.chmod(0o700)

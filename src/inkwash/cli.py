@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InkwashError
+from .progress import close_bars
+
+# Errors that mean the disk or the folder refuses the write, not that a path is wrong.
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 DESCRIPTION = "inkwash: train and sample image diffusion models (DDPM family)."
 
@@ -741,6 +746,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, minutes=args.minutes, seed=args.seed, eval_samples=args.eval_samples)
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the path and the reason, e.g. "cannot write out/x.png: No space left on device"."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    if exc.errno == errno.EEXIST and Path(exc.filename).is_file():
+        reason = "a file is in the way of a folder"
+    verb = "cannot write" if exc.errno in WRITE_ERRNOS else "cannot use"
+    return f"{verb} {exc.filename}: {reason}"
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -758,7 +774,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except InkwashError as exc:
+        close_bars()
         print(f"inkwash {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a folder that cannot be created or written: read-only, denied, full
+        close_bars()
+        print(f"inkwash {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"inkwash {args.command}: interrupted", file=sys.stderr)

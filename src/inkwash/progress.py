@@ -21,3 +21,9 @@ def progress(
         smoothing=0.1,
         **kwargs,
     )
+
+
+def close_bars() -> None:
+    """Finish every open bar on its own line, so that an error printed next starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
