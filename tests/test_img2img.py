@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,23 @@ def test_mask_without_init_is_an_error(tiny_denoiser):
             mask=torch.ones(1, 1, 16, 16),
             show_progress=False,
         )
+
+
+def test_a_mask_of_another_size_is_resized_to_the_init_image_first(tmp_path, capsys):
+    """A 16x16 mask drawn over a 32x16 picture marks a band at picture columns 8-16. The model sees the
+    picture's centre square (columns 8-24), so the band is its left half; cropping the mask on its own
+    would have put the band at columns 4-8 instead."""
+    from PIL import Image
+
+    from inkwash.run_sampling import SampleOptions, load_init_and_mask
+
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "init.png")  # W=32, H=16
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 4:8] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    options = SampleOptions(checkpoint="unused", out="unused", init_image=str(tmp_path / "init.png"))
+    options.mask = str(tmp_path / "mask.png")
+    init, loaded = load_init_and_mask(options, (1, 16, 16))
+    assert init.shape == (1, 1, 16, 16) and loaded.shape == (1, 1, 16, 16)
+    assert loaded[0, 0, :, :8].eq(1).all() and loaded[0, 0, :, 8:].eq(0).all()
+    assert "the 16x16 mask was resized to the init image's 32x16" in capsys.readouterr().out

@@ -347,7 +347,12 @@ def build_parser() -> Parser:
         help="img2img: how much of the schedule to run, 0 returns the input, 1 starts from pure noise "
         "(default: %(default)s)",
     )
-    sample.add_argument("--mask", default=None, help="inpainting: a mask image, white = regenerate, black = keep")
+    sample.add_argument(
+        "--mask",
+        default=None,
+        help="inpainting: a mask image, white = regenerate, black = keep; one of another size than the init "
+        "image is resized to it first, as the WebUI does",
+    )
     sample.add_argument("--num-images", type=_positive_int, default=64, help="(default: %(default)s)")
     sample.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
     sample.add_argument("--seed", type=_nonneg_int, default=0, help="image i uses seed S+i (default: %(default)s)")

@@ -87,17 +87,37 @@ def sampler_options(sampler: str, **given: object) -> dict:
     return options
 
 
-def _read_image(path: Path, channels: int, size: int, what: str) -> np.ndarray:
-    from PIL import Image
+def _open_image(path: Path, what: str):
+    """The image at ``path``, loaded and turned upright by its EXIF orientation."""
+    from PIL import Image, ImageOps
 
     if not path.is_file():
         raise InkwashError(f"{what} not found: {path}")
     try:
         with Image.open(path) as image:
             image.load()
-            return prepare_image(image, channels, size)
+            return ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InkwashError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _read_image(path: Path, channels: int, size: int, what: str) -> np.ndarray:
+    return prepare_image(_open_image(path, what), channels, size)
+
+
+def _read_mask(path: Path, size: int, init_size: tuple[int, int] | None, show: bool) -> torch.Tensor:
+    """The mask as (1, 1, size, size) in {0, 1}. A mask of another size than a single init image is
+    first resized to that image's size, as the WebUI does, so that both are cropped to the same region."""
+    from PIL import Image
+
+    image = _open_image(path, "mask")
+    if init_size is not None and image.size != init_size:
+        if show:
+            width, height = init_size
+            print(f"note: the {image.width}x{image.height} mask was resized to the init image's {width}x{height}")
+        image = image.convert("L").resize(init_size, Image.BILINEAR)
+    pixels = prepare_image(image, 1, size)  # (H, W, 1)
+    return torch.from_numpy((pixels[..., 0] > 127).astype(np.float32))[None, None]
 
 
 def load_init_and_mask(options: SampleOptions, shape: tuple) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -108,14 +128,16 @@ def load_init_and_mask(options: SampleOptions, shape: tuple) -> tuple[torch.Tens
         return None, None
     channels, size = shape[0], shape[1]
     path = Path(options.init_image)
+    init_size = None  # a folder's images are each cropped to the model's square, and the mask with them
     if path.is_dir():
         init = load_folder(path, channels, size, show_progress=options.show_progress, cache=False).images
     else:
-        init = to_unit_range(_read_image(path, channels, size, "init image")[None])
+        image = _open_image(path, "init image")
+        init_size = image.size
+        init = to_unit_range(prepare_image(image, channels, size)[None])
     mask = None
     if options.mask is not None:
-        pixels = _read_image(Path(options.mask), 1, size, "mask")  # (H, W, 1)
-        mask = torch.from_numpy((pixels[..., 0] > 127).astype(np.float32))[None, None]
+        mask = _read_mask(Path(options.mask), size, init_size, options.show_progress)
     return init, mask
 
 
