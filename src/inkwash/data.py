@@ -58,6 +58,7 @@ class ImageData:
 
 def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    pixels = pixels if pixels.flags.writeable else pixels.copy()  # a view of a PIL image is read-only
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
