@@ -27,7 +27,7 @@ from .train import LOSS_CURVE_FILE, TrainConfig, train
 # Min-SNR-5 weighting of the eps loss (Hang et al. 2023), which stops the nearly clean steps from
 # dominating the gradient, then gave 1.35, 1.69 and 1.37 (mean 1.47 against 1.60).
 # Class conditioning (label dropout 0.1, so guidance still works) then gave the largest gain of all,
-# and input perturbation (DDPM-IP, Ning et al. 2023) at their 0.1 helped on top of it. The README's
+# and input perturbation (DDPM-IP, Ning et al. 2023) at their 0.1 helped on top of it. docs/experiments.md,
 # "What limits the FID at this budget" has the figures.
 # The demo samples and scores with DDPM respaced to 50 leading steps. With this recipe's models at the
 # demo's budget, 50 steps scored better than 100 on four models of four (1,000 samples, floor 0.447;

@@ -64,7 +64,7 @@ def sample_ddim(
     for the direction to x_t, as diffusers' ``DDIMScheduler(clip_sample=True)`` does by default
     (``use_clipped_model_output=False``). A denoiser that clips its own output instead (``ClampedDenoiser``)
     gives the noise re-derived from the clipped x0 (guided-diffusion's DDIM), which pushes what the clip
-    removed back into x_t; see the README's *Samplers* (Clipping) for what that costs in FID."""
+    removed back into x_t; docs/experiments.md (the unconditional recipe) has what that costs in FID."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if clip_range is not None and not clip_range > 0:
