@@ -1,9 +1,15 @@
 """Training and sampling throughput of inkwash's UNet: against a diffusers UNet2DModel, and in bf16.
 
-Both networks have the same parameter count (within 10%), batch size and resolution. Each runs its
-own library's standard path (inkwash's trainer step and DDIM sampler; diffusers' training-example
-loop and DDIMScheduler) in the same process, interleaved round by round so that machine noise hits
-both alike. Prints images/s for each and the ratio inkwash / diffusers (> 1 means inkwash is faster).
+Both networks have the same layout, batch size and resolution, and parameter counts within 2% (the
+script refuses to run otherwise): diffusers' UNet2DModel gets inkwash's block widths and, with
+``resnet_time_scale_shift="scale_shift"``, inkwash's scale-shift time conditioning (Dhariwal & Nichol
+2021), so the two hold the same weights in the same layers rather than making up for a different
+time projection with wider convolutions. Both train with the same optimizer, inkwash's
+``make_optimizer`` (AdamW, fused where the build has it); the script checks that the class and the
+fused / foreach settings agree. Each runs its own library's standard path (inkwash's trainer step and
+DDIM sampler; diffusers' training-example loop and DDIMScheduler) in the same process, interleaved
+round by round so that machine noise hits both alike. Prints both parameter counts and their ratio,
+the optimizer, images/s for each and the ratio inkwash / diffusers (> 1 means inkwash is faster).
 
 The same rounds time inkwash in bf16 mixed precision the way ``inkwash train --precision bf16`` runs:
 the loss under ``torch.autocast(device, dtype=torch.bfloat16)`` with fp32 weights, optimizer and
@@ -41,11 +47,16 @@ from inkwash.train import diffusion_loss, make_optimizer
 from inkwash.unet import PRESETS, UNet, count_parameters, preset
 
 CPU = torch.device("cpu")
+PARAMETER_TOLERANCE = 0.02  # the largest relative difference in parameter count the comparison accepts
 
 
-def diffusers_twin(config, num_class_embeds: int | None = None):
+def diffusers_twin(config, num_class_embeds: int | None = None, *, resnet_time_scale_shift: str = "default"):
     """A diffusers UNet2DModel laid out like inkwash's: same widths, blocks and attention levels, and
-    with ``num_class_embeds`` a class embedding added to the time embedding, as inkwash's."""
+    with ``num_class_embeds`` a class embedding added to the time embedding, as inkwash's.
+
+    ``resnet_time_scale_shift="scale_shift"`` also gives its residual blocks inkwash's scale-shift time
+    conditioning (a time projection to 2 * channels); diffusers' default adds a projection to channels,
+    which leaves the twin about 7% smaller than inkwash's UNet."""
     from diffusers import UNet2DModel
 
     widths = tuple(config.base_channels * m for m in config.channel_mult)
@@ -67,13 +78,29 @@ def diffusers_twin(config, num_class_embeds: int | None = None):
         norm_num_groups=min(32, config.base_channels),
         dropout=config.dropout,
         num_class_embeds=num_class_embeds,
+        resnet_time_scale_shift=resnet_time_scale_shift,
     )
 
 
-def inkwash_train_step(model, batch_size, shape, schedule, precision="fp32", device=CPU):
-    """One step of inkwash's own trainer: diffusion_loss under its precision context, its optimizer,
+def parameter_mismatch(n_ours: int, n_theirs: int) -> str | None:
+    """Why the two networks are not of comparable size, or None when their counts are within PARAMETER_TOLERANCE."""
+    if abs(n_ours / n_theirs - 1) <= PARAMETER_TOLERANCE:
+        return None
+    return (
+        f"parameter counts differ by more than {PARAMETER_TOLERANCE:.0%}: inkwash {n_ours:,}, diffusers {n_theirs:,} "
+        f"(ratio {n_ours / n_theirs:.4f}); adjust diffusers_twin's block widths for this preset"
+    )
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's class and its fused / foreach settings, which decide which update kernel runs."""
+    fused, foreach = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
+    return f"{type(optimizer).__name__} (fused={fused}, foreach={foreach})"
+
+
+def inkwash_train_step(model, optimizer, batch_size, shape, schedule, precision="fp32", device=CPU):
+    """One step of inkwash's own trainer: diffusion_loss under its precision context, the optimizer,
     gradient clipping (train.py's ``_accumulate`` and step, without the EMA and the logging)."""
-    optimizer = make_optimizer(model, lr=1e-4)
     generator = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch_size, *shape, generator=generator, device=device) * 2 - 1  # (B, C, H, W)
 
@@ -89,12 +116,12 @@ def inkwash_train_step(model, batch_size, shape, schedule, precision="fp32", dev
     return step
 
 
-def diffusers_train_step(model, batch_size, shape, device=CPU):
-    """The loop of diffusers' train_unconditional example: DDPMScheduler.add_noise, AdamW, clipping."""
+def diffusers_train_step(model, optimizer, batch_size, shape, device=CPU):
+    """The loop of diffusers' train_unconditional example: DDPMScheduler.add_noise, the optimizer (the
+    example's AdamW, here built as inkwash's so that both run the same update kernel), clipping."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch_size, *shape, generator=generator, device=device) * 2 - 1
 
@@ -203,12 +230,14 @@ def main() -> None:
     # Every task gets its own copy of the same initial weights (and its own optimizer), so no variant
     # trains or samples another's network. Tasks run in this order within every round.
     tasks: dict[tuple[str, str], tuple[Callable[[], None], int]] = {}
+    optimizers = {}
     for name, precision, compiled in precision_variants(args.compile):
         train_model, sample_model = (copy.deepcopy(ours).to(device) for _ in range(2))
+        optimizers[name] = make_optimizer(train_model, lr=1e-4)  # before compiling: the same parameters
         if compiled:
             train_model, sample_model = torch.compile(train_model), torch.compile(sample_model)
         tasks["train", name] = (
-            inkwash_train_step(train_model, b, shape, schedule, precision, device),
+            inkwash_train_step(train_model, optimizers[name], b, shape, schedule, precision, device),
             args.train_steps,
         )
         tasks["sample", name] = (
@@ -217,12 +246,23 @@ def main() -> None:
         )
     n_theirs = None
     if not args.precision_only:
-        theirs = diffusers_twin(config)
+        theirs = diffusers_twin(config, resnet_time_scale_shift="scale_shift")
         n_theirs = count_parameters(theirs)
-        if abs(n_ours / n_theirs - 1) > 0.10:
-            raise SystemExit(f"parameter counts differ by more than 10%: {n_ours} vs {n_theirs}")
+        mismatch = parameter_mismatch(n_ours, n_theirs)
+        if mismatch is not None:
+            raise SystemExit(f"throughput.py: preset {args.preset}: {mismatch}")
         sample_theirs = copy.deepcopy(theirs).to(device)
-        tasks["train", "diffusers"] = (diffusers_train_step(theirs.to(device), b, shape, device), args.train_steps)
+        theirs = theirs.to(device)
+        optimizers["diffusers"] = make_optimizer(theirs, lr=1e-4)
+        ours_settings, theirs_settings = (optimizer_settings(optimizers[k]) for k in ("fp32", "diffusers"))
+        if ours_settings != theirs_settings:
+            raise SystemExit(
+                f"throughput.py: the optimizers differ: inkwash {ours_settings}, diffusers {theirs_settings}"
+            )
+        tasks["train", "diffusers"] = (
+            diffusers_train_step(theirs, optimizers["diffusers"], b, shape, device),
+            args.train_steps,
+        )
         tasks["sample", "diffusers"] = (diffusers_sampler(sample_theirs, b, shape, args.sample_steps, device), 1)
 
     for fn, _ in tasks.values():  # warm-up (and compilation)
@@ -241,17 +281,19 @@ def main() -> None:
         "threads": threads,
         "rounds": args.rounds,
         "sample_steps": args.sample_steps,
+        "optimizer": optimizer_settings(optimizers["fp32"]),
     }
     where = result["device"] if device.type == "cuda" else f"cpu, {threads} threads"
     print(f"preset {args.preset}, batch {b}, {where}, {args.rounds} interleaved rounds (medians)")
     if n_theirs is not None:
-        result["parameters"] = {"inkwash": n_ours, "diffusers": n_theirs}
+        result["parameters"] = {"inkwash": n_ours, "diffusers": n_theirs, "ratio": n_ours / n_theirs}
         result["train_images_per_sec"] = {"inkwash": rate["train", "fp32"], "diffusers": rate["train", "diffusers"]}
         result["sample_images_per_sec"] = {"inkwash": rate["sample", "fp32"], "diffusers": rate["sample", "diffusers"]}
         for kind in ("train", "sample"):
             rates = result[f"{kind}_images_per_sec"]
             result[f"{kind}_ratio"] = rates["inkwash"] / rates["diffusers"]
-        print(f"parameters inkwash {n_ours:,} / diffusers {n_theirs:,}; both fp32")
+        print(f"parameters inkwash {n_ours:,} / diffusers {n_theirs:,} = {n_ours / n_theirs:.4f}; both fp32")
+        print(f"optimizer (both): {result['optimizer']}, lr 1e-4")
         print(f"{'':10s} {'inkwash':>12s} {'diffusers':>12s} {'ratio':>7s}")
         for kind in ("train", "sample"):
             rates = result[f"{kind}_images_per_sec"]

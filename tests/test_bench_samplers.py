@@ -22,6 +22,18 @@ def test_more_steps_get_closer_to_the_floor():
     assert by_key[("heun", 30)].nfe == 59  # two per step, one on the last
 
 
+def test_held_out_mixture_runs_through_the_bench():
+    """gmm48, the held-out check of the default schedules, in 48 dimensions: the bench samples it and more
+    steps get closer to its floor."""
+    gmm = load_gmm("gmm48")
+    rows = bench_samplers(gmm, ["heun"], [2, 30], num_samples=2000, show_progress=False)
+    few, many = rows
+    assert (few.steps, many.steps) == (2, 30)
+    assert many.swd < few.swd
+    assert many.swd < 2.0 * many.floor
+    assert many.mode_error < 0.05
+
+
 def test_run_sampler_is_seeded():
     gmm = load_gmm("gmm2d")
     sigmas = build_sigmas(NoiseSchedule(), 5, "karras")

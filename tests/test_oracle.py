@@ -194,7 +194,7 @@ def test_load_gmm_errors(tmp_path):
 
 
 def test_presets():
-    assert set(PRESETS) == {"gmm2d", "gmm64"}
+    assert set(PRESETS) == {"gmm2d", "gmm64", "gmm48"}
     gmm2d = load_gmm("gmm2d")
     assert (gmm2d.num_components, gmm2d.dim) == (9, 2)
     assert gmm2d.weights.max() / gmm2d.weights.min() > 2
@@ -212,10 +212,33 @@ def test_presets():
         assert gmm.mode_weight_error(samples) < 0.02
 
 
+def test_held_out_preset_differs_from_gmm64_and_is_resolvable():
+    """gmm48, the held-out check of the samplers' defaults (chosen on gmm64): another dimension, number of
+    modes, weight spread and width range, deterministic, with modes that exact samples resolve."""
+    gmm48, gmm64 = load_gmm("gmm48"), load_gmm("gmm64")
+    assert (gmm48.num_components, gmm48.dim) == (16, 48)
+    assert gmm48.dim != gmm64.dim and gmm48.num_components != gmm64.num_components
+    torch.testing.assert_close(gmm48.stds.min(), torch.tensor(0.05, dtype=torch.float64))
+    torch.testing.assert_close(gmm48.stds.max(), torch.tensor(0.5, dtype=torch.float64))
+    assert len(gmm48.stds.unique()) == 16
+    assert float(gmm48.weights.max() / gmm48.weights.min()) == pytest.approx(16.0)
+    assert float(gmm48.weights.max() / gmm48.weights.min()) > 2 * float(gmm64.weights.max() / gmm64.weights.min())
+    per_coordinate_std = gmm48.covariance().diagonal().sqrt()
+    assert 0.3 < float(per_coordinate_std.mean()) < 1.0
+    separation = torch.cdist(gmm48.means, gmm48.means) + torch.eye(16, dtype=torch.float64) * 1e9
+    assert float(separation.min()) > 3.0
+    again = preset("gmm48")  # deterministic
+    for key in ("weights", "means", "stds"):
+        assert torch.equal(getattr(again, key), getattr(gmm48, key))
+    samples, labels = gmm48.sample(20_000, generator=torch.Generator().manual_seed(7))
+    assert gmm48.mode_weight_error(samples) < 0.02
+    assert torch.equal(gmm48.responsibilities(samples).argmax(dim=1), labels)  # every exact sample's own mode
+
+
 def test_unknown_preset():
-    with pytest.raises(InkwashError, match=r"gmm2d.*gmm64"):
+    with pytest.raises(InkwashError, match=r"gmm2d.*gmm48.*gmm64"):
         preset("gmm3d")
-    with pytest.raises(InkwashError, match="presets are: gmm2d, gmm64"):
+    with pytest.raises(InkwashError, match="presets are: gmm2d, gmm48, gmm64"):
         load_gmm("gmm3d")
 
 
