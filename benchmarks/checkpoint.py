@@ -1,6 +1,6 @@
 """Checkpoint write and load time, and size on disk, for the rgb32 preset (CIFAR-10 sized).
 
-Times what ``inkwash train`` does at every ``--checkpoint-every``: ``inkwash.resume.write_training_checkpoint``
+Times what ``inkwash train`` does at every ``--checkpoint-every``: ``inkwash.training.resume.write_training_checkpoint``
 writes the model, the EMA, the AdamW state (populated by one real step) and the training state (built
 as train.py's ``_capture_state`` builds it for one process, with CIFAR-10's 50,000-image data order) as
 safetensors, and config.json, each file fsynced, into a temporary directory that is then renamed into
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from inkwash.data import ImageData
-from inkwash.resume import TrainingState, load_training_checkpoint, write_training_checkpoint
-from inkwash.schedule import NoiseSchedule
-from inkwash.train import EpochSampler, TrainConfig, diffusion_loss, make_optimizer, noise_seed, run_config
-from inkwash.unet import PRESETS, UNet, count_parameters, preset
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.unet import PRESETS, UNet, count_parameters, preset
+from inkwash.data.loading import ImageData
+from inkwash.training.loop import EpochSampler, TrainConfig, diffusion_loss, make_optimizer, noise_seed, run_config
+from inkwash.training.resume import TrainingState, load_training_checkpoint, write_training_checkpoint
 
 CIFAR10_TRAIN_IMAGES = 50_000
 

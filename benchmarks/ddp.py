@@ -162,7 +162,7 @@ def main() -> None:
     if args.allreduce_worker is not None:
         allreduce_worker(args.allreduce_worker, 20)
         return
-    from inkwash.unet import UNet, count_parameters, preset
+    from inkwash.core.unet import UNet, count_parameters, preset
 
     parameters = count_parameters(UNet(preset(args.preset)))
     runs = []

@@ -12,11 +12,11 @@ with the ratio inkwash / baseline (below 1: inkwash's samples are closer to the 
     python benchmarks/quality.py --seed 1 --json s1.json     # another training seed (data order, init, noise)
     python benchmarks/quality.py --summarize s0.json s1.json s2.json   # mean over seeds, ratio of the means
 
-Both train with the demo's recipe (``inkwash.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas,
+Both train with the demo's recipe (``inkwash.commands.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas,
 Adam's beta2, the Min-SNR loss weighting, input perturbation and class conditioning with label dropout). A
 class-conditional pair samples on the same labels, stratified by the train half's class frequencies
-(``inkwash.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM respaced to N
-steps, the demo's own sampler at N = 50 (``inkwash.demo.DEMO_DDPM_STEPS``).
+(``inkwash.evaluation.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM respaced to N
+steps, the demo's own sampler at N = 50 (``inkwash.commands.demo.DEMO_DDPM_STEPS``).
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import time
 import torch
 
 from inkwash.checkpoint import load_model
-from inkwash.data import load_digits
-from inkwash.demo import DEMO_RECIPE
-from inkwash.denoiser import ModelDenoiser
-from inkwash.evaluate import MetricSettings, class_prior_labels, sample_images, score_images
-from inkwash.objectives import min_snr_weight
-from inkwash.reference import load_reference
-from inkwash.train import EpochSampler, TrainConfig, ema_update, make_optimizer, train
-from inkwash.unet import count_parameters, preset
+from inkwash.commands.demo import DEMO_RECIPE
+from inkwash.core.denoiser import ModelDenoiser
+from inkwash.core.unet import count_parameters, preset
+from inkwash.data.loading import load_digits
+from inkwash.evaluation.evaluate import MetricSettings, class_prior_labels, sample_images, score_images
+from inkwash.evaluation.reference import load_reference
+from inkwash.training.loop import EpochSampler, TrainConfig, ema_update, make_optimizer, train
+from inkwash.training.objectives import min_snr_weight
 from throughput import diffusers_twin
 
 DIFFUSERS_BETAS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # diffusers' names for the same betas

@@ -1,6 +1,6 @@
 """inkwash's samplers against diffusers' schedulers at equal NFE, on the exact denoiser of a Gaussian mixture.
 
-Both libraries sample an oracle Gaussian mixture (``--gmm``, ``inkwash.oracle``), whose exact denoiser
+Both libraries sample an oracle Gaussian mixture (``--gmm``, ``inkwash.evaluation.oracle``), whose exact denoiser
 ``D(x, sigma) = E[x0 | x0 + sigma * eps = x]`` stands in for a perfectly trained network, so every
 difference in the samples comes from the sampler and its step schedule. The default, the 64-dimensional
 ``gmm64``, is the mixture on which inkwash's default step schedules were chosen (seed 0), so a table on
@@ -60,12 +60,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from inkwash.distances import sliced_wasserstein
-from inkwash.oracle import GaussianMixture, load_gmm
-from inkwash.samplers import SAMPLERS, get_sampler
-from inkwash.sampling import CountingDenoiser
-from inkwash.schedule import NoiseSchedule, ScheduleConfig
-from inkwash.steps import STEP_SCHEDULES, build_sigmas
+from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
+from inkwash.core.sigmas import STEP_SCHEDULES, build_sigmas
+from inkwash.evaluation.distances import sliced_wasserstein
+from inkwash.evaluation.oracle import GaussianMixture, load_gmm
+from inkwash.sampling.generate import CountingDenoiser
+from inkwash.sampling.samplers import SAMPLERS, get_sampler
 
 LINEAR = NoiseSchedule(ScheduleConfig("linear", 1000, 1e-4, 0.02))
 PATH_ROWS = 2000  # initial noises whose exact ODE solution is computed for the path error
@@ -286,7 +286,8 @@ def run_inkwash(
     seed: int,
     noise_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, int]:
-    """As ``inkwash.bench_samplers.run_sampler``, with the noise drawn in ``noise_dtype`` (diffusers' dtype)."""
+    """As ``inkwash.evaluation.sampler_bench.run_sampler``, with the noise drawn in ``noise_dtype``
+    (diffusers' dtype)."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, gmm.dim, generator=generator, dtype=torch.float64)
     x = x * math.sqrt(1.0 + sigmas[0].item() ** 2)

@@ -38,13 +38,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from inkwash.denoiser import ModelDenoiser
-from inkwash.precision import precision_context
-from inkwash.samplers import sample_ddim
-from inkwash.schedule import NoiseSchedule
-from inkwash.steps import build_sigmas
-from inkwash.train import diffusion_loss, make_optimizer
-from inkwash.unet import PRESETS, UNet, count_parameters, preset
+from inkwash.core.denoiser import ModelDenoiser
+from inkwash.core.precision import precision_context
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.sigmas import build_sigmas
+from inkwash.core.unet import PRESETS, UNet, count_parameters, preset
+from inkwash.sampling.samplers import sample_ddim
+from inkwash.training.loop import diffusion_loss, make_optimizer
 
 CPU = torch.device("cpu")
 PARAMETER_TOLERANCE = 0.02  # the largest relative difference in parameter count the comparison accepts

@@ -10,9 +10,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-from inkwash.denoiser import ModelDenoiser
-from inkwash.schedule import NoiseSchedule
-from inkwash.unet import UNet, preset
+from inkwash.core.denoiser import ModelDenoiser
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.unet import UNet, preset
 
 
 class GaussianDenoiser:
@@ -69,7 +69,7 @@ def feature_cache(tmp_path_factory):
     """
     from filelock import FileLock
 
-    from inkwash.features import digits_classifier
+    from inkwash.evaluation.features import digits_classifier
 
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "inkwash-cache"

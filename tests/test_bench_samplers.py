@@ -5,10 +5,10 @@ import sys
 import numpy as np
 import torch
 
-from inkwash.bench_samplers import bench_samplers, run_sampler
-from inkwash.oracle import load_gmm
-from inkwash.schedule import NoiseSchedule
-from inkwash.steps import build_sigmas
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.sigmas import build_sigmas
+from inkwash.evaluation.oracle import load_gmm
+from inkwash.evaluation.sampler_bench import bench_samplers, run_sampler
 
 
 def test_more_steps_get_closer_to_the_floor():

@@ -11,9 +11,9 @@ from inkwash.checkpoint import (
     load_weights,
     read_config,
 )
+from inkwash.core.unet import UNet, preset
 from inkwash.errors import InkwashError
-from inkwash.train import TrainConfig, train
-from inkwash.unet import UNet, preset
+from inkwash.training.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +115,9 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_optimizer_state_round_trip_keeps_every_tensor(tmp_path):
     """Every AdamW state tensor (step, exp_avg, exp_avg_sq) and every group setting comes back exactly."""
     from inkwash.checkpoint import save_checkpoint
-    from inkwash.objectives import diffusion_loss
-    from inkwash.schedule import NoiseSchedule
-    from inkwash.train import make_optimizer
+    from inkwash.core.schedule import NoiseSchedule
+    from inkwash.training.loop import make_optimizer
+    from inkwash.training.objectives import diffusion_loss
 
     torch.manual_seed(0)
     model = UNet(preset("tiny"))

@@ -100,7 +100,7 @@ def test_bad_options_are_one_line_errors(args, fragment):
 
 @pytest.mark.parametrize("command", ["train", "sample", "noise", "samplers", "demo", "bench samplers"])
 def test_help_has_examples(command, capsys):
-    from inkwash.cli import main
+    from inkwash.commands.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([*command.split(), "--help"])
@@ -190,7 +190,7 @@ def test_noise_strip(tmp_path):
 
 
 def test_samplers_lists_every_sampler():
-    from inkwash.samplers import SAMPLERS
+    from inkwash.sampling.samplers import SAMPLERS
 
     result = run_cli("samplers")
     assert result.returncode == 0

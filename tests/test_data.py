@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import inkwash.data
-from inkwash import datasets_std
-from inkwash.data import load_data, load_digits, load_folder, random_flip, to_uint8
+import inkwash.data.loading
+from inkwash.data import standard as datasets_std
+from inkwash.data.loading import load_data, load_digits, load_folder, random_flip, to_uint8
 from inkwash.errors import InkwashError
 
 
@@ -37,7 +37,7 @@ def test_digits_are_the_uci_set():
 
 
 def test_training_on_digits_holds_out_the_evaluation_test_half(tmp_path):
-    from inkwash.reference import load_reference
+    from inkwash.evaluation.reference import load_reference
 
     every = load_digits(16)
     train, test = load_data("digits", 1, 16), load_data("digits", 1, 16, split="test")
@@ -260,7 +260,7 @@ def test_cache_hit_skips_decoding_and_repeats_the_warning(tmp_path, isolated_cac
     first = load_folder(tmp_path, 3, 8, show_progress=False)
     first_err = capsys.readouterr().err
     assert len(list((isolated_cache / "datasets").glob("*.npz"))) == 1  # under $INKWASH_CACHE by default
-    monkeypatch.setattr(inkwash.data, "_decode", _no_decoding)
+    monkeypatch.setattr(inkwash.data.loading, "_decode", _no_decoding)
     second = load_folder(tmp_path, 3, 8, show_progress=False)
     assert torch.equal(first.images, second.images)
     assert second.skipped_by_reason == first.skipped_by_reason and second.skipped == 3

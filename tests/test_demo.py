@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from inkwash.demo import DEMO_DDPM_STEPS, run_demo
+from inkwash.commands.demo import DEMO_DDPM_STEPS, run_demo
 
 
 def test_demo_writes_every_picture_and_scores_its_samples(tmp_path, feature_cache, monkeypatch, capsys):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from inkwash.denoiser import ModelDenoiser, PlacedDenoiser
-from inkwash.precision import PRECISIONS
-from inkwash.schedule import NoiseSchedule
+from inkwash.core.denoiser import ModelDenoiser, PlacedDenoiser
+from inkwash.core.precision import PRECISIONS
+from inkwash.core.schedule import NoiseSchedule
 
 
 class RecordingEps(torch.nn.Module):
@@ -56,7 +56,7 @@ class Fixed(torch.nn.Module):
 def test_x0_and_v_predictions_recover_x0():
     import pytest
 
-    from inkwash.denoiser import ModelDenoiser
+    from inkwash.core.denoiser import ModelDenoiser
 
     schedule = NoiseSchedule()
     x0 = torch.randn(3, 1, 4, 4, dtype=torch.float64)

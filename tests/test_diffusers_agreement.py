@@ -35,10 +35,10 @@ import pytest
 import torch
 from torch import nn
 
-from inkwash.denoiser import ClampedDenoiser, ModelDenoiser
-from inkwash.samplers import SAMPLERS
-from inkwash.schedule import NoiseSchedule, ScheduleConfig
-from inkwash.steps import build_sigmas, timesteps_for
+from inkwash.core.denoiser import ClampedDenoiser, ModelDenoiser
+from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
+from inkwash.core.sigmas import build_sigmas, timesteps_for
+from inkwash.sampling.samplers import SAMPLERS
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers feeds torch tensors to numpy, which warns thousands of times; recording those is slow.

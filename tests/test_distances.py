@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from inkwash.distances import sliced_wasserstein
+from inkwash.evaluation.distances import sliced_wasserstein
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -9,19 +9,19 @@ import pytest
 import torch
 
 from inkwash.checkpoint import load_tensors, resolve_checkpoint
-from inkwash.distributed import init_world
 from inkwash.errors import InkwashError
-from inkwash.train import TrainConfig, train
+from inkwash.training.distributed import init_world
+from inkwash.training.loop import TrainConfig, train
 
 # Each rank records a digest of its own weights after training, and the loss of its model on a fixed
 # held-out set of (image, timestep, noise): a low-variance measure of how well the run trained.
 PROBE = """
 import hashlib, os, sys
 import torch
-import inkwash.train as trainer
-from inkwash.data import load_digits
-from inkwash.objectives import diffusion_loss
-from inkwash.schedule import NoiseSchedule
+import inkwash.training.loop as trainer
+from inkwash.data.loading import load_digits
+from inkwash.training.objectives import diffusion_loss
+from inkwash.core.schedule import NoiseSchedule
 
 out, steps, batch, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "resume"
 models = []
@@ -120,7 +120,7 @@ def test_more_ranks_than_gpus_is_a_user_error_in_train(two_ranks_one_gpu, tmp_pa
 
 
 def test_a_local_rank_without_its_own_gpu_is_refused(monkeypatch):
-    from inkwash.distributed import resolve_device
+    from inkwash.training.distributed import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

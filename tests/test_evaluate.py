@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-import inkwash.evaluate as evaluate_module
-from inkwash.cli import main
-from inkwash.data import load_digits, to_uint8
-from inkwash.evaluate import MetricSettings, class_prior_labels, periodic_eval, score_images
-from inkwash.features import get_extractor
-from inkwash.reference import load_reference, reference_features, split_indices
-from inkwash.train import TrainConfig, train
+import inkwash.evaluation.evaluate as evaluate_module
+from inkwash.commands.cli import main
+from inkwash.data.loading import load_digits, to_uint8
+from inkwash.evaluation.evaluate import MetricSettings, class_prior_labels, periodic_eval, score_images
+from inkwash.evaluation.features import get_extractor
+from inkwash.evaluation.reference import load_reference, reference_features, split_indices
+from inkwash.training.loop import TrainConfig, train
 
 
 def noised_digits(count, std, seed=0):
@@ -27,7 +27,7 @@ def write_npz(path, images):
 
 
 def run_main(args, capsys):
-    """inkwash.cli.main in-process: (exit status, stdout, stderr)."""
+    """inkwash.commands.cli.main in-process: (exit status, stdout, stderr)."""
     try:
         status = main(args)
     except SystemExit as exc:

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from inkwash import features
-from inkwash.data import load_digits
+from inkwash.data.loading import load_digits
 from inkwash.errors import InkwashError
-from inkwash.features import FEATURES, accuracy, digits_classifier, get_extractor, weights_hash
-from inkwash.reference import split_indices
+from inkwash.evaluation import features
+from inkwash.evaluation.features import FEATURES, accuracy, digits_classifier, get_extractor, weights_hash
+from inkwash.evaluation.reference import split_indices
 
 
 def test_digits_classifier_reaches_95_percent_on_the_held_out_half(feature_cache):

@@ -6,13 +6,13 @@ import torch
 from PIL import Image
 
 from inkwash.checkpoint import save_checkpoint
-from inkwash.cli import main
-from inkwash.denoiser import ModelDenoiser
-from inkwash.guidance import GuidedDenoiser
-from inkwash.sampling import CountingDenoiser, generate
-from inkwash.schedule import NoiseSchedule, ScheduleConfig
-from inkwash.steps import build_sigmas
-from inkwash.unet import UNet, preset
+from inkwash.commands.cli import main
+from inkwash.core.denoiser import ModelDenoiser
+from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
+from inkwash.core.sigmas import build_sigmas
+from inkwash.core.unet import UNet, preset
+from inkwash.sampling.generate import CountingDenoiser, generate
+from inkwash.sampling.guidance import GuidedDenoiser
 
 NAMES = ["cat", "dog", "owl"]
 NULL = len(NAMES)

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from conftest import GaussianDenoiser
-from inkwash.img2img import InpaintDenoiser, strength_sigmas
-from inkwash.samplers import SAMPLERS
-from inkwash.sampling import generate
-from inkwash.schedule import NoiseSchedule
-from inkwash.steps import build_sigmas
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.sigmas import build_sigmas
+from inkwash.sampling.generate import generate
+from inkwash.sampling.img2img import InpaintDenoiser, strength_sigmas
+from inkwash.sampling.samplers import SAMPLERS
 
 SCHEDULE = NoiseSchedule()
 
@@ -100,7 +100,7 @@ def test_a_mask_of_another_size_is_resized_to_the_init_image_first(tmp_path, cap
     would have put the band at columns 4-8 instead."""
     from PIL import Image
 
-    from inkwash.run_sampling import SampleOptions, load_init_and_mask
+    from inkwash.commands.sample import SampleOptions, load_init_and_mask
 
     Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "init.png")  # W=32, H=16
     mask = np.zeros((16, 16), np.uint8)

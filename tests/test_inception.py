@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from inkwash.checkpoint import load_tensors
 from inkwash.errors import InkwashError
-from inkwash.features import get_extractor, weights_hash
-from inkwash.inception import (
+from inkwash.evaluation.features import get_extractor, weights_hash
+from inkwash.evaluation.inception import (
     WEIGHTS_ENV,
     FIDInceptionV3,
     MixedA,

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from inkwash.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, gaussian_kl
-from inkwash.oracle import GaussianMixture
-from inkwash.schedule import NoiseSchedule
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.evaluation.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, gaussian_kl
+from inkwash.evaluation.oracle import GaussianMixture
 
 HALF_BIN = 1 / 255
 GRID = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 8-bit levels in [-1, 1]

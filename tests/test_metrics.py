@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from inkwash.metrics import (
+from inkwash.evaluation.metrics import (
     feature_statistics,
     frechet_distance,
     frechet_distance_features,

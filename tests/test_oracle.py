@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from inkwash.errors import InkwashError
-from inkwash.oracle import PRESETS, GaussianMixture, load_gmm, preset
+from inkwash.evaluation.oracle import PRESETS, GaussianMixture, load_gmm, preset
 
 
 @pytest.fixture

@@ -2,9 +2,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inkwash.data import load_digits
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.data.loading import load_digits
 from inkwash.pictures import loss_curve, noising_strip, reverse_strip, sample_grid, save_png
-from inkwash.schedule import NoiseSchedule
 
 
 def test_noising_strip_goes_from_image_to_noise(tmp_path):

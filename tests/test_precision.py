@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from inkwash.precision import PRECISIONS, deterministic_mode, precision_context, precision_warning
+from inkwash.core.precision import PRECISIONS, deterministic_mode, precision_context, precision_warning
 
 
 def test_fp32_is_no_autocast_and_the_others_autocast_to_their_dtype():
@@ -67,7 +67,7 @@ def test_deterministic_mode_leaves_the_cpu_and_an_opt_out_alone(monkeypatch):
 
 
 def test_training_runs_in_deterministic_mode_unless_told_not_to(monkeypatch, tmp_path):
-    import inkwash.train as trainer
+    import inkwash.training.loop as trainer
 
     seen = []
     original = trainer.deterministic_mode

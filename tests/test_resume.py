@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from inkwash.checkpoint import load_tensors, resolve_checkpoint, step_dirs
-from inkwash.data import load_digits
+from inkwash.data.loading import load_digits
 from inkwash.errors import InkwashError
-from inkwash.resume import clean_partial, load_state
-from inkwash.train import TrainConfig, train
+from inkwash.training.loop import TrainConfig, train
+from inkwash.training.resume import clean_partial, load_state
 
 FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 
@@ -123,7 +123,7 @@ def test_resume_from_a_missing_path_is_a_clear_error(tmp_path, digits):
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, digits, monkeypatch):
-    import inkwash.resume as resume
+    import inkwash.training.resume as resume
 
     train(config(tmp_path, preset="tiny", steps=2, checkpoint_every=2), data=digits, show_progress=False)
     before = final_tensors(tmp_path)

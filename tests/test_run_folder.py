@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from inkwash import run_folder
 from inkwash.checkpoint import CONFIG_FILE, step_dirs
 from inkwash.errors import InkwashError
-from inkwash.run_folder import RunLock, claim_run_folder
-from inkwash.train import TrainConfig, train
+from inkwash.training import run_folder
+from inkwash.training.loop import TrainConfig, train
+from inkwash.training.run_folder import RunLock, claim_run_folder
 
 
 def tiny(out, **overrides) -> TrainConfig:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import GaussianDenoiser
-from inkwash.samplers import SAMPLERS
-from inkwash.schedule import NoiseSchedule
-from inkwash.steps import build_sigmas
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.sigmas import build_sigmas
+from inkwash.sampling.samplers import SAMPLERS
 
 GEN = torch.Generator().manual_seed(0)
 Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=GEN, dtype=torch.float64))

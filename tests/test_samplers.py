@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from inkwash.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm
-from inkwash.schedule import NoiseSchedule
-from inkwash.steps import build_sigmas
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.sigmas import build_sigmas
+from inkwash.sampling.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm
 
 SCHEDULE = NoiseSchedule()
 

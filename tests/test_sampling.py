@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from inkwash.rng import SampleRNG, sample_seeds
-from inkwash.sampling import generate
-from inkwash.schedule import NoiseSchedule
-from inkwash.steps import build_sigmas
+from inkwash.core.rng import SampleRNG, sample_seeds
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.sigmas import build_sigmas
+from inkwash.sampling.generate import generate
 
 
 def test_per_sample_noise_does_not_depend_on_batch():
@@ -71,8 +71,8 @@ def _overshooting(x, sigma, cond=None):
 def test_clipping_ddim_keeps_the_networks_noise_as_diffusers_does():
     """generate(clip_denoised=True) with DDIM clips x0 in the sampler (clip_range) and steps along the
     unclipped estimate's noise; DDPM and the others get a clipping denoiser."""
-    from inkwash.denoiser import ClampedDenoiser
-    from inkwash.samplers import sample_ddim
+    from inkwash.core.denoiser import ClampedDenoiser
+    from inkwash.sampling.samplers import sample_ddim
 
     sigmas = build_sigmas(NoiseSchedule(), 6)
     clipped = _generate(_overshooting, "ddim", 5, clip_denoised=True, record=range(6))
@@ -95,7 +95,7 @@ def test_own_clip_flag_matches_the_samplers_that_take_clip_range():
     the flag is set for DDIM alone, so ``generate`` never passes the argument to one that lacks it."""
     import inspect
 
-    from inkwash.samplers import SAMPLERS
+    from inkwash.sampling.samplers import SAMPLERS
 
     flagged = {sid for sid, info in SAMPLERS.items() if info.own_clip}
     assert flagged == {"ddim"}

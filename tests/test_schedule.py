@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from inkwash.schedule import NoiseSchedule, ScheduleConfig, make_betas
+from inkwash.core.schedule import NoiseSchedule, ScheduleConfig, make_betas
 
 
 def test_linear_betas_are_the_seeds():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from inkwash.schedule import NoiseSchedule
-from inkwash.steps import STEP_SCHEDULES, build_sigmas, timesteps_for
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.core.sigmas import STEP_SCHEDULES, build_sigmas, timesteps_for
 
 SCHEDULE = NoiseSchedule()
 
@@ -57,7 +57,7 @@ def test_rejects_unknown_kind():
 
 
 def test_validate_sigmas():
-    from inkwash.steps import validate_sigmas
+    from inkwash.core.sigmas import validate_sigmas
 
     validate_sigmas(build_sigmas(SCHEDULE, 10, "karras"))
     for bad in ([3.0, 3.0, 0.0], [1.0, 2.0, 0.0], [float("inf"), 0.0], [1.0, -1.0], []):

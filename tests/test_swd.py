@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from inkwash.data import load_digits
-from inkwash.reference import split_indices
-from inkwash.swd import _upsample, laplacian_pyramid, patch_descriptors, sliced_wasserstein_pyramid
+from inkwash.data.loading import load_digits
+from inkwash.evaluation.reference import split_indices
+from inkwash.evaluation.swd import _upsample, laplacian_pyramid, patch_descriptors, sliced_wasserstein_pyramid
 
 
 @pytest.fixture(scope="module")

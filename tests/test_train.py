@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from inkwash.data import load_digits
+from inkwash.data.loading import load_digits
 from inkwash.errors import InkwashError
 from inkwash.pictures import read_log
-from inkwash.train import EpochSampler, TrainConfig, diffusion_loss, train
+from inkwash.training.loop import EpochSampler, TrainConfig, diffusion_loss, train
 
 
 def test_tiny_training_run_loss_falls(tmp_path):
@@ -47,7 +47,7 @@ def test_training_is_deterministic_under_a_seed(tmp_path):
 
 
 def test_loss_is_eps_mse_at_uniform_t():
-    from inkwash.schedule import NoiseSchedule
+    from inkwash.core.schedule import NoiseSchedule
 
     class Perfect(torch.nn.Module):
         """Knows x0 = 0, so eps = x_t / sqrt(1 - alpha_bar_t): its loss is exactly zero."""
@@ -71,7 +71,7 @@ def test_epoch_sampler_visits_every_item_once_per_epoch():
 
 
 def test_x0_and_v_targets():
-    from inkwash.schedule import NoiseSchedule
+    from inkwash.core.schedule import NoiseSchedule
 
     schedule = NoiseSchedule()
     x0 = torch.full((8, 1, 4, 4), 0.5)

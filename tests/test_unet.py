@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from inkwash.unet import PRESETS, UNet, UNetConfig, count_parameters, preset
+from inkwash.core.unet import PRESETS, UNet, UNetConfig, count_parameters, preset
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .errors import InkwashError
-from .schedule import NoiseSchedule, ScheduleConfig
-from .unet import UNet, UNetConfig
+from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
+from inkwash.core.unet import UNet, UNetConfig
+from inkwash.errors import InkwashError
 
 FORMAT = "inkwash"
 FORMAT_VERSION = 1

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import atomic_write_bytes
-from .data import to_uint8
-from .schedule import NoiseSchedule
+from inkwash.checkpoint import atomic_write_bytes
+from inkwash.core.schedule import NoiseSchedule
+from inkwash.data.loading import to_uint8
 
 BACKGROUND = (255, 255, 255)
 

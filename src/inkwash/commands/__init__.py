@@ -1,0 +1,1 @@
+"""The command line: parsing and dispatch (``cli``) and the commands' own I/O (``sample``, ``demo``)."""

@@ -1,0 +1,1 @@
+"""Training: the loop, its objectives, exact resume, the run folder, DDP and the periodic jobs."""
