@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from inkwash.checkpoint import (
-    atomic_write_bytes,
     load_model,
     load_optimizer_state,
     load_weights,
@@ -13,6 +12,7 @@ from inkwash.checkpoint import (
 )
 from inkwash.core.unet import UNet, preset
 from inkwash.errors import InkwashError
+from inkwash.files import atomic_write_bytes
 from inkwash.training.loop import TrainConfig, train
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from inkwash.checkpoint import atomic_write_bytes
 from inkwash.core.schedule import NoiseSchedule
 from inkwash.data.loading import to_uint8
+from inkwash.files import atomic_write_bytes
 
 BACKGROUND = (255, 255, 255)
 

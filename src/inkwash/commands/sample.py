@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inkwash.checkpoint import atomic_write_bytes, atomic_write_text, load_model
+from inkwash.checkpoint import load_model
 from inkwash.core.denoiser import ModelDenoiser
 from inkwash.core.precision import PRECISIONS, precision_warning
 from inkwash.core.sigmas import build_sigmas
 from inkwash.data.loading import load_folder, prepare_image, to_uint8, to_unit_range
 from inkwash.errors import InkwashError
+from inkwash.files import atomic_write_bytes, atomic_write_text
 from inkwash.pictures import reverse_strip, sample_grid, save_png, tile
 from inkwash.sampling.generate import generate
 from inkwash.sampling.img2img import strength_sigmas

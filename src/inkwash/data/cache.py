@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from inkwash.checkpoint import atomic_write_bytes
+from inkwash.files import atomic_write_bytes
 
 # Bump when the decoding changes what a folder decodes to, so old entries stop matching.
 CACHE_VERSION = 1

@@ -21,8 +21,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from inkwash.checkpoint import atomic_write_bytes
 from inkwash.errors import InkwashError
+from inkwash.files import atomic_write_bytes
 from inkwash.progress import progress
 
 STANDARD_DATASETS = ("mnist", "fashion-mnist", "cifar10")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inkwash.checkpoint import atomic_write_text, load_model
+from inkwash.checkpoint import load_model
 from inkwash.commands.sample import DEFAULT_STEPS, inference_device, sampler_options
 from inkwash.core.denoiser import ModelDenoiser, PlacedDenoiser
 from inkwash.core.sigmas import build_sigmas
@@ -28,6 +28,7 @@ from inkwash.evaluation.likelihood import bits_per_dim
 from inkwash.evaluation.metrics import frechet_distance_features, kernel_inception_distance, precision_recall
 from inkwash.evaluation.reference import SPLIT_SEED, Reference, load_image_array, load_reference, reference_features
 from inkwash.evaluation.swd import sliced_wasserstein_pyramid
+from inkwash.files import atomic_write_text
 from inkwash.sampling.generate import generate
 from inkwash.sampling.samplers import get_sampler
 

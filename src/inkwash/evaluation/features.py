@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch import nn
 
-from inkwash.checkpoint import atomic_write_bytes, atomic_write_text, load_tensors
+from inkwash.checkpoint import load_tensors
 from inkwash.data.cache import cache_root
 from inkwash.data.loading import split_indices
 from inkwash.errors import InkwashError
+from inkwash.files import atomic_write_bytes, atomic_write_text
 
 FEATURES = {
     "digits": "penultimate layer of a CNN classifier trained on the digits' train half (1x16x16 input)",

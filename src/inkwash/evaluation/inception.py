@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch import nn
 
-from inkwash.checkpoint import atomic_write_bytes, load_tensors
+from inkwash.checkpoint import load_tensors
 from inkwash.core.precision import full_fp32
 from inkwash.data.cache import cache_root
 from inkwash.errors import InkwashError
+from inkwash.files import atomic_write_bytes
 
 WEIGHTS_NAME = "pt_inception-2015-12-05.safetensors"
 WEIGHTS_ENV = "INKWASH_INCEPTION_WEIGHTS"

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inkwash.checkpoint import atomic_write_bytes
 from inkwash.errors import InkwashError
+from inkwash.files import atomic_write_bytes
 
 NPZ_KEYS = ("weights", "means", "stds")
 

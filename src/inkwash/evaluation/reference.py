@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inkwash.checkpoint import atomic_write_bytes
 from inkwash.data.cache import cache_root
 from inkwash.data.loading import SPLIT_SEED, load_data, load_digits, split_indices, to_unit_range
 from inkwash.errors import InkwashError
+from inkwash.files import atomic_write_bytes
 
 CACHE_FORMAT = 1
 NPZ_IMAGE_KEYS = ("samples", "images")

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inkwash.checkpoint import atomic_write_bytes, atomic_write_text
 from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.core.sigmas import build_sigmas
 from inkwash.errors import InkwashError
 from inkwash.evaluation.distances import sliced_wasserstein
 from inkwash.evaluation.oracle import GaussianMixture
+from inkwash.files import atomic_write_bytes, atomic_write_text
 from inkwash.progress import progress
 from inkwash.sampling.generate import CountingDenoiser
 from inkwash.sampling.samplers import SAMPLERS, get_sampler

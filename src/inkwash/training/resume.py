@@ -35,6 +35,7 @@ from inkwash.checkpoint import (
     step_dirs,
 )
 from inkwash.errors import InkwashError
+from inkwash.files import fsync_dir
 
 STATE_FILE = "state.safetensors"
 TEMP_PREFIX = ".tmp-"
@@ -58,14 +59,6 @@ class TrainingState:
     @property
     def world_size(self) -> int:
         return len(self.noise_rng)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_dir_name(step: int) -> str:
@@ -129,11 +122,11 @@ def write_training_checkpoint(
     try:
         save_state(temp / STATE_FILE, state)
         save_checkpoint(temp, config, model, ema, optimizer)  # config.json last
-        _fsync_dir(temp)
+        fsync_dir(temp)
         if final.exists():  # the same step again, after resuming from an older checkpoint
             _retire(final)
         os.replace(temp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
