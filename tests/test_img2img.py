@@ -100,7 +100,8 @@ def test_a_mask_of_another_size_is_resized_to_the_init_image_first(tmp_path, cap
     would have put the band at columns 4-8 instead."""
     from PIL import Image
 
-    from inkwash.commands.sample import SampleOptions, load_init_and_mask
+    from inkwash.commands.sample import load_init_and_mask
+    from inkwash.sampling.options import SampleOptions
 
     Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "init.png")  # W=32, H=16
     mask = np.zeros((16, 16), np.uint8)

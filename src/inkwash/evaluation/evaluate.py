@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from inkwash.checkpoint import load_model
-from inkwash.commands.sample import DEFAULT_STEPS, inference_device, sampler_options
 from inkwash.core.denoiser import ModelDenoiser, PlacedDenoiser
 from inkwash.core.sigmas import build_sigmas
 from inkwash.errors import InkwashError
@@ -30,6 +29,7 @@ from inkwash.evaluation.reference import SPLIT_SEED, Reference, load_image_array
 from inkwash.evaluation.swd import sliced_wasserstein_pyramid
 from inkwash.files import atomic_write_text
 from inkwash.sampling.generate import generate
+from inkwash.sampling.options import DEFAULT_STEPS, inference_device, sampler_options
 from inkwash.sampling.samplers import get_sampler
 
 METRICS = {
