@@ -35,7 +35,8 @@ from inkwash.core.schedule import NoiseSchedule
 from inkwash.core.unet import PRESETS, UNet, count_parameters, preset
 from inkwash.data.loading import ImageData
 from inkwash.training.loop import EpochSampler, TrainConfig, diffusion_loss, make_optimizer, noise_seed, run_config
-from inkwash.training.resume import TrainingState, load_training_checkpoint, write_training_checkpoint
+from inkwash.training.resume import ResumeState, load_training_checkpoint, write_training_checkpoint
+from inkwash.training.run_folder import new_run_id
 
 CIFAR10_TRAIN_IMAGES = 50_000
 
@@ -58,7 +59,7 @@ def trained_state(preset_name: str, batch_size: int):
     diffusion_loss(model, schedule, x0, noise_rng).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    state = TrainingState(  # train.py's _capture_state for a world of one on the CPU
+    state = ResumeState(  # train.py's _capture_state for a world of one on the CPU
         step=1,
         data_rng=data_rng.get_state(),
         order=batches.order.clone(),
@@ -72,11 +73,11 @@ def trained_state(preset_name: str, batch_size: int):
         images=torch.zeros(shape).expand(CIFAR10_TRAIN_IMAGES, *shape), labels=None, class_names=None, source="cifar10"
     )
     train_config = TrainConfig(data="cifar10", preset=preset_name, batch_size=batch_size)
-    config = run_config(train_config, unet_config, schedule, data, state.step)
+    config = run_config(train_config, unet_config, schedule, data, state.step, new_run_id())
     return model, ema, optimizer, state, config
 
 
-def torch_save_payload(model, ema, optimizer, state: TrainingState, config: dict) -> dict:
+def torch_save_payload(model, ema, optimizer, state: ResumeState, config: dict) -> dict:
     return {
         "model": model.state_dict(),
         "ema": ema.state_dict(),

@@ -17,7 +17,8 @@ is reported for each. Both sides start from the same standard normal draw (scale
 initial sigma) and draw their later noise from the same seeded generator, in the dtype diffusers
 uses. Settings: diffusers with its defaults for a linear beta schedule (T = 1000, betas 1e-4 .. 0.02,
 ``clip_sample=False`` where the scheduler clips, its default ``timestep_spacing``), with inkwash's
-float64 tables in place of its float32 ones (same values, as in tests/test_diffusers_agreement.py);
+float64 tables in place of its float32 ones (same values; the harness, ``inkwash.evaluation.diffusers_bridge``,
+is shared with tests/test_diffusers_agreement.py);
 ``--diffusers-karras`` gives it ``use_karras_sigmas=True`` where supported. inkwash runs each sampler
 with its default step schedule and options, as ``inkwash sample`` does (``--schedule NAME`` forces one).
 
@@ -62,6 +63,7 @@ import torch
 
 from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.core.sigmas import STEP_SCHEDULES, build_sigmas
+from inkwash.evaluation.diffusers_bridge import diffusers_noise, diffusers_scheduler, run_scheduler, set_timesteps
 from inkwash.evaluation.distances import sliced_wasserstein
 from inkwash.evaluation.oracle import GaussianMixture, load_gmm
 from inkwash.sampling.generate import CountingDenoiser
@@ -201,25 +203,15 @@ def make_scheduler(twin: Twin, steps: int, schedule: str, *, float64: bool = Tru
     With ``float64`` its beta / alpha tables are inkwash's float64 ones and its sigma table is upcast
     after ``set_timesteps`` (the same float32 values, float64 arithmetic)."""
     cls = getattr(_diffusers(), twin.scheduler)
-    config = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
-    config.update(twin.config)
+    config = dict(twin.config)
     if schedule == "karras":
         config["use_karras_sigmas"] = True
     elif schedule in SPACINGS:
         config["timestep_spacing"] = schedule
     if "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
         config["noise_sampler_seed"] = seed
-    sched = cls(**config)
-    if float64:
-        sched.betas = LINEAR.betas.clone()
-        sched.alphas = LINEAR.alphas.clone()
-        sched.alphas_cumprod = LINEAR.alpha_bar.clone()
-        if hasattr(sched, "final_alpha_cumprod"):  # DDIM, PNDM
-            one = torch.tensor(1.0, dtype=torch.float64)
-            sched.final_alpha_cumprod = one if sched.config.set_alpha_to_one else sched.alphas_cumprod[0]
-    sched.set_timesteps(steps)
-    if float64 and isinstance(getattr(sched, "sigmas", None), torch.Tensor):
-        sched.sigmas = sched.sigmas.double()
+    sched = diffusers_scheduler(cls, LINEAR, float64=float64, **config)
+    set_timesteps(sched, steps, float64=float64)
     return sched
 
 
@@ -257,10 +249,7 @@ def run_diffusers(
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, gmm.dim, generator=generator, dtype=torch.float64) * sched.init_noise_sigma
     model = OracleEps(gmm, LINEAR)
-    kwargs = step_kwargs_for(sched, twin, generator)
-    for t in sched.timesteps:
-        eps = model(sched.scale_model_input(x, t), t)
-        x = sched.step(eps, t, x, **kwargs).prev_sample
+    x = run_scheduler(sched, model, x, **step_kwargs_for(sched, twin, generator))
     start = float(LINEAR.t_to_sigma(torch.as_tensor(sched.timesteps[0], dtype=torch.float64)))
     return x.double(), model.calls, start
 
@@ -292,10 +281,7 @@ def run_inkwash(
     x = torch.randn(num_samples, gmm.dim, generator=generator, dtype=torch.float64)
     x = x * math.sqrt(1.0 + sigmas[0].item() ** 2)
     counter = CountingDenoiser(gmm)
-
-    def noise() -> torch.Tensor:
-        return torch.randn(num_samples, gmm.dim, generator=generator, dtype=noise_dtype).double()
-
+    noise = diffusers_noise(generator, (num_samples, gmm.dim), noise_dtype)
     return get_sampler(sampler).fn(counter, x, sigmas, noise=noise), counter.calls
 
 
@@ -546,9 +532,7 @@ def diffusers_overhead(twin: Twin, steps: int, repeats: int, schedule: str) -> f
     kwargs = dict(twin.step_kwargs)
 
     def loop():
-        sample = x * sched.init_noise_sigma
-        for t in sched.timesteps:
-            sample = sched.step(_half(sched.scale_model_input(sample, t)), t, sample, **kwargs).prev_sample
+        run_scheduler(sched, _half, x * sched.init_noise_sigma, **kwargs)
 
     def reset() -> None:  # schedulers keep their step index and history
         sched.set_timesteps(steps)

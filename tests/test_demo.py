@@ -39,11 +39,22 @@ def test_demo_without_scoring(tmp_path, capsys):
     assert not [line for line in out.splitlines() if line.startswith("6/")]  # no sixth step (paths may hold "6/")
 
 
-def test_a_second_demo_in_the_same_folder_samples_its_own_model(tmp_path, capsys):
+def test_a_second_demo_in_the_same_folder_samples_its_own_model(tmp_path, capsys, monkeypatch):
     """The second demo trains fewer steps than the first; everything it reports is of its own model."""
+    import dataclasses
+
+    import inkwash.commands.demo as demo
+
+    budgets = iter([30, 12])  # step counts instead of wall-clock budgets, so a busy machine cannot reorder them
+    original = demo.train
+
+    def fixed_steps(config, **kwargs):
+        return original(dataclasses.replace(config, steps=next(budgets), time_limit=None), **kwargs)
+
+    monkeypatch.setattr(demo, "train", fixed_steps)
     first = run_demo(tmp_path, minutes=0.05, preset="tiny", num_images=1, full_ddpm_images=1, eval_samples=0)
-    second = run_demo(tmp_path, minutes=0.01, preset="tiny", num_images=1, full_ddpm_images=1, eval_samples=0)
-    assert second["train_steps"] < first["train_steps"]  # the case where pruning used to keep the old run
+    second = run_demo(tmp_path, minutes=0.05, preset="tiny", num_images=1, full_ddpm_images=1, eval_samples=0)
+    assert (first["train_steps"], second["train_steps"]) == (30, 12)  # where pruning used to keep the old run
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == [f"step_{second['train_steps']:08d}"]
     assert second["checkpoint"].endswith(kept[0])

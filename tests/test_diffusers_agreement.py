@@ -38,6 +38,7 @@ from torch import nn
 from inkwash.core.denoiser import ClampedDenoiser, ModelDenoiser
 from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.core.sigmas import build_sigmas, timesteps_for
+from inkwash.evaluation.diffusers_bridge import diffusers_noise, diffusers_scheduler, run_scheduler, set_timesteps
 from inkwash.sampling.samplers import SAMPLERS
 
 diffusers = pytest.importorskip("diffusers")
@@ -60,7 +61,6 @@ SHAPE = (2, 3, 4, 4)
 LINEAR = NoiseSchedule(ScheduleConfig("linear", 1000, 1e-4, 0.02))  # DDPM
 SD = NoiseSchedule(ScheduleConfig("scaled_linear", 1000, 0.00085, 0.012))  # Stable Diffusion
 COSINE = NoiseSchedule(ScheduleConfig("cosine", 1000))
-DIFFUSERS_BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
 class FakeEps(nn.Module):
@@ -96,32 +96,7 @@ class FakeEps(nn.Module):
         return (gauss + extra).reshape(x.shape).to(x.dtype)
 
 
-# ---- harness ------------------------------------------------------------------------------------
-
-
-def _scheduler(cls, schedule: NoiseSchedule, *, float64: bool = True, **config):
-    """A diffusers scheduler on ``schedule``; with ``float64`` its tables are inkwash's float64 ones."""
-    sched = cls(
-        num_train_timesteps=schedule.num_steps,
-        beta_start=schedule.config.beta_start,
-        beta_end=schedule.config.beta_end,
-        beta_schedule=DIFFUSERS_BETA_SCHEDULE[schedule.config.beta_schedule],
-        **config,
-    )
-    if float64:
-        sched.betas = schedule.betas.clone()
-        sched.alphas = schedule.alphas.clone()
-        sched.alphas_cumprod = schedule.alpha_bar.clone()
-        if hasattr(sched, "final_alpha_cumprod"):  # DDIM, PNDM
-            one = torch.tensor(1.0, dtype=torch.float64)
-            sched.final_alpha_cumprod = one if sched.config.set_alpha_to_one else sched.alphas_cumprod[0]
-    return sched
-
-
-def _set_timesteps(sched, steps: int, *, float64: bool = True) -> None:
-    sched.set_timesteps(steps)
-    if float64 and isinstance(getattr(sched, "sigmas", None), torch.Tensor):
-        sched.sigmas = sched.sigmas.double()  # float32 values, float64 arithmetic
+# ---- harness (building and driving the schedulers: inkwash.evaluation.diffusers_bridge) ---------------
 
 
 def _initial(seed: int = 0) -> torch.Tensor:
@@ -135,8 +110,7 @@ def _generator(seed: int) -> torch.Generator:
 
 def _noise(seed: int, dtype: torch.dtype = torch.float64) -> Callable[[], torch.Tensor]:
     """inkwash's noise source: the draws diffusers' randn_tensor makes from _generator(seed)."""
-    generator = _generator(seed)
-    return lambda: torch.randn(SHAPE, generator=generator, dtype=dtype).double()
+    return diffusers_noise(_generator(seed), SHAPE, dtype)
 
 
 def _diffusers_states(sched, net: Callable, x: torch.Tensor, *, keep=None, **step_kwargs) -> list[torch.Tensor]:
@@ -145,12 +119,13 @@ def _diffusers_states(sched, net: Callable, x: torch.Tensor, *, keep=None, **ste
     ``keep(sched)`` is asked before each step; it drops the inner evaluations of Heun, KDPM2 and
     PNDM so the list lines up with inkwash's steps."""
     states = []
-    for t in sched.timesteps:
+
+    def record(sched, x: torch.Tensor) -> None:
         if keep is None or keep(sched):
             states.append(x)
-        eps = net(sched.scale_model_input(x, t), t)
-        x = sched.step(eps, t, x, **step_kwargs).prev_sample
-    return [*states, x]
+
+    out = run_scheduler(sched, net, x, callback=record, **step_kwargs)
+    return [*states, out]
 
 
 def _inkwash_states(
@@ -205,8 +180,8 @@ def _max_rel_err(expected: list[torch.Tensor], got: list[torch.Tensor]) -> float
 
 
 def _ddpm(variance_type: str, variance: str):
-    sched = _scheduler(DDPMScheduler, LINEAR, variance_type=variance_type, clip_sample=False)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(DDPMScheduler, LINEAR, variance_type=variance_type, clip_sample=False)
+    set_timesteps(sched, 20)
     assert torch.equal(sched.timesteps, timesteps_for(LINEAR, 20, "leading"))
     sigmas = build_sigmas(LINEAR, 20, "leading")
     x = _initial()
@@ -217,9 +192,9 @@ def _ddpm(variance_type: str, variance: str):
 
 def _ddim(eta: float):
     # set_alpha_to_one=True: the last step goes to alpha_bar = 1, i.e. sigma = 0, as inkwash's does.
-    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=False, set_alpha_to_one=True)
+    sched = diffusers_scheduler(DDIMScheduler, LINEAR, clip_sample=False, set_alpha_to_one=True)
     # "leading" spacing, and 20 divides 1000 (see test_ddim_previous_timestep_assumes_even_spacing).
-    _set_timesteps(sched, 20)
+    set_timesteps(sched, 20)
     assert torch.equal(sched.timesteps, timesteps_for(LINEAR, 20, "leading"))
     sigmas = build_sigmas(LINEAR, 20, "leading")
     x = _initial()
@@ -231,8 +206,8 @@ def _ddim(eta: float):
 def _ddim_to_sigma_min():
     """Stable Diffusion's DDIM settings: steps_offset=1 and set_alpha_to_one=False, so the last step
     lands on alpha_bar[0] (sigma_min), not on sigma = 0; inkwash gets the same final sigma."""
-    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(DDIMScheduler, LINEAR, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    set_timesteps(sched, 20)
     assert sched.timesteps[-1] == 1
     sigmas = torch.cat([LINEAR.sigmas[sched.timesteps], LINEAR.sigmas[:1]])
     x = _initial()
@@ -247,8 +222,8 @@ CLIP = 0.5  # FakeEps's x0 estimates often leave [-0.5, 0.5], so the clip acts a
 def _clipped_ddpm():
     """DDPMScheduler(clip_sample=True): the posterior mean from the clipped x0 and x_t, which is
     what any inkwash sampler does with a denoiser that clips its own output."""
-    sched = _scheduler(DDPMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(DDPMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP)
+    set_timesteps(sched, 20)
     sigmas = build_sigmas(LINEAR, 20, "leading")
     x = _initial()
     expected = _diffusers_states(sched, FakeEps(LINEAR), x, generator=_generator(1))
@@ -261,8 +236,8 @@ def _clipped_ddim(eta: float, *, use_clipped_model_output: bool = False):
     """DDIMScheduler(clip_sample=True). By default diffusers keeps the network's noise estimate
     (inkwash's ``clip_range``); with ``use_clipped_model_output`` it re-derives the noise from the
     clipped x0, which is inkwash's DDIM on a clipping denoiser."""
-    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP, set_alpha_to_one=True)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(DDIMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP, set_alpha_to_one=True)
+    set_timesteps(sched, 20)
     sigmas = build_sigmas(LINEAR, 20, "leading")
     x = _initial()
     expected = _diffusers_states(
@@ -277,8 +252,8 @@ def _plms(sd_settings: bool):
     """PNDMScheduler(skip_prk_steps=True), the latent-diffusion PLMS. With ``sd_settings``
     (steps_offset=1, set_alpha_to_one=False, diffusers' PNDM default) the last step ends at sigma_min."""
     config = {"steps_offset": 1, "set_alpha_to_one": False} if sd_settings else {"set_alpha_to_one": True}
-    sched = _scheduler(PNDMScheduler, LINEAR, skip_prk_steps=True, **config)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(PNDMScheduler, LINEAR, skip_prk_steps=True, **config)
+    set_timesteps(sched, 20)
     steps = torch.from_numpy(sched._timesteps.astype(np.int64)).flip(0)
     if sd_settings:
         sigmas = torch.cat([LINEAR.sigmas[steps], LINEAR.sigmas[:1]])
@@ -294,8 +269,8 @@ def _plms(sd_settings: bool):
 
 def _ve_scheduler_case(cls, sampler: str, *, config: dict, keep=None, noise: bool = False, options=None):
     """A scheduler working on the VE state x0 + sigma*eps, with inkwash given diffusers' sigmas."""
-    sched = _scheduler(cls, SD, **config)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(cls, SD, **config)
+    set_timesteps(sched, 20)
     sigmas = sched.sigmas.unique_consecutive()  # Heun and KDPM2 list each inner sigma twice
     assert sigmas[-1] == 0 and len(sigmas) == 21
     x = _ve(_initial(), sigmas[0])
@@ -343,8 +318,8 @@ def _multistep_vp_case(
 ):
     """DPM-Solver++ and UniPC work on the VP state; inkwash gets diffusers' sigmas (and appends its data
     predictions to ``denoised`` when given)."""
-    sched = _scheduler(cls, LINEAR, **config)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(cls, LINEAR, **config)
+    set_timesteps(sched, 20)
     sigmas = sched.sigmas
     assert sigmas[-1] == 0 and len(sigmas) == 21
     x = _initial()
@@ -438,8 +413,8 @@ def test_sampler_matches_diffusers_step_by_step(name):
 
 def test_harness_detects_a_network_timestep_off_by_one():
     """The comparison can fail: inkwash's network told t + 1 instead of t is far outside tolerance."""
-    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=False)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(DDIMScheduler, LINEAR, clip_sample=False)
+    set_timesteps(sched, 20)
     sigmas = build_sigmas(LINEAR, 20, "leading")
     x = _initial()
     expected = _diffusers_states(sched, FakeEps(LINEAR), x)
@@ -450,8 +425,8 @@ def test_harness_detects_a_network_timestep_off_by_one():
 def test_the_two_clipping_conventions_of_ddim_differ():
     """The clip matters here, and the two ways of using the clipped x0 give different states: diffusers'
     default (keep the network's noise) is far from inkwash's DDIM on a clipping denoiser."""
-    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP, set_alpha_to_one=True)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(DDIMScheduler, LINEAR, clip_sample=True, clip_sample_range=CLIP, set_alpha_to_one=True)
+    set_timesteps(sched, 20)
     sigmas = build_sigmas(LINEAR, 20, "leading")
     x = _initial()
     expected = _diffusers_states(sched, FakeEps(LINEAR), x)
@@ -468,7 +443,7 @@ def test_the_two_clipping_conventions_of_ddim_differ():
 @pytest.mark.parametrize("schedule", [LINEAR, SD, COSINE], ids=["linear", "scaled_linear", "cosine"])
 def test_schedule_tables_match_diffusers(schedule):
     """diffusers' float32 tables (cosine = "squaredcos_cap_v2") equal inkwash's float64 ones to float32 precision."""
-    sched = _scheduler(DDPMScheduler, schedule, float64=False)
+    sched = diffusers_scheduler(DDPMScheduler, schedule, float64=False)
     assert sched.betas.dtype == torch.float32
     torch.testing.assert_close(sched.betas.double(), schedule.betas, rtol=1e-6, atol=0)
     torch.testing.assert_close(sched.alphas_cumprod.double(), schedule.alpha_bar, rtol=1e-4, atol=0)
@@ -479,7 +454,7 @@ def test_schedule_tables_match_diffusers(schedule):
     ("spacing", "diffusers_spacing"), [("uniform", "linspace"), ("leading", "leading"), ("trailing", "trailing")]
 )
 def test_timesteps_match_diffusers(spacing, diffusers_spacing, steps):
-    sched = _scheduler(DDIMScheduler, LINEAR, timestep_spacing=diffusers_spacing)
+    sched = diffusers_scheduler(DDIMScheduler, LINEAR, timestep_spacing=diffusers_spacing)
     sched.set_timesteps(steps)
     assert torch.equal(timesteps_for(LINEAR, steps, spacing), sched.timesteps)
 
@@ -488,14 +463,14 @@ def test_timesteps_match_diffusers(spacing, diffusers_spacing, steps):
 @pytest.mark.parametrize("cls", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
 def test_karras_and_exponential_sigmas_match_diffusers(cls, kind):
     """Same sigma range and formula; diffusers rounds the result to float32."""
-    sched = _scheduler(getattr(diffusers, cls), SD, **{f"use_{kind}_sigmas": True})
+    sched = diffusers_scheduler(getattr(diffusers, cls), SD, **{f"use_{kind}_sigmas": True})
     sched.set_timesteps(25)
     torch.testing.assert_close(sched.sigmas.double(), build_sigmas(SD, 25, kind), rtol=1e-6, atol=0)
 
 
 def test_sigma_to_t_matches_diffusers():
     """diffusers' _sigma_to_t (used for Karras and exponential sigmas) interpolates log-sigma like inkwash."""
-    sched = _scheduler(EulerDiscreteScheduler, SD)
+    sched = diffusers_scheduler(EulerDiscreteScheduler, SD)
     sigmas = torch.exp(torch.linspace(math.log(SD.sigma_min) - 1, math.log(SD.sigma_max) + 1, 301, dtype=torch.float64))
     ours = SD.sigma_to_t(sigmas)
     theirs = sched._sigma_to_t(sigmas.numpy(), SD.log_sigmas.numpy())
@@ -537,8 +512,8 @@ def test_diffusers_ddim_steps_to_the_next_timestep_of_an_uneven_grid():
     self.num_inference_steps``, so with a step count that does not divide T it leaves the grid: from
     t = 999 the first step lands on 966, not 965, and the states drift apart (by 5e-3 and more,
     diffusers 0.42.1). PNDMScheduler.step_plms derives prev_timestep the same way."""
-    sched = _scheduler(DDIMScheduler, LINEAR, clip_sample=False, timestep_spacing="linspace")
-    _set_timesteps(sched, 30)
+    sched = diffusers_scheduler(DDIMScheduler, LINEAR, clip_sample=False, timestep_spacing="linspace")
+    set_timesteps(sched, 30)
     net, x = FakeEps(LINEAR), _initial()
     expected = _diffusers_states(sched, net, x)
     sigmas = torch.cat([LINEAR.sigmas[sched.timesteps], LINEAR.sigmas.new_zeros(1)])
@@ -548,10 +523,10 @@ def test_diffusers_ddim_steps_to_the_next_timestep_of_an_uneven_grid():
 
 def _ddpm_trailing(denoised: list | None = None):
     """DDPM, "fixed_large" variance (inkwash's ``beta``), 10 "trailing" steps: the last timestep is 99."""
-    sched = _scheduler(
+    sched = diffusers_scheduler(
         DDPMScheduler, LINEAR, variance_type="fixed_large", clip_sample=False, timestep_spacing="trailing"
     )
-    _set_timesteps(sched, 10)
+    set_timesteps(sched, 10)
     assert sched.timesteps[-1] == 99
     sigmas = build_sigmas(LINEAR, 10, "trailing")
     x = _initial()
@@ -595,8 +570,8 @@ def test_diffusers_ddpm_adds_no_noise_on_the_final_step_when_the_last_timestep_i
 def _euler_churn():
     """Euler with churn on the first of 10 "leading" steps (gamma = 1/10): diffusers' states, inkwash's,
     the sigmas and the churned point (sigma_hat, x_hat)."""
-    sched = _scheduler(EulerDiscreteScheduler, SD, timestep_spacing="leading")
-    _set_timesteps(sched, 10)
+    sched = diffusers_scheduler(EulerDiscreteScheduler, SD, timestep_spacing="leading")
+    set_timesteps(sched, 10)
     sigma, sigma_next = sched.sigmas[0].item(), sched.sigmas[1].item()
     churn = {"s_churn": 1.0, "s_tmin": (sigma + sigma_next) / 2}  # gamma = 1/10, on the first step only
     x = _ve(_initial(), sigma)
@@ -651,8 +626,8 @@ def test_linspace_spacing_gives_the_network_a_linearly_interpolated_timestep():
     t(sigma), like k-diffusion's, interpolates log-sigma. So the network is told a timestep up to
     1.3e-3 away, which moves the samples by ~2e-6 (relative) here; told diffusers' timestep,
     inkwash's Euler agrees as closely as in the other Euler cases."""
-    sched = _scheduler(EulerDiscreteScheduler, SD)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(EulerDiscreteScheduler, SD)
+    set_timesteps(sched, 20)
     t_diffusers = sched.timesteps.double()
     assert (t_diffusers != t_diffusers.round()).any()
     gap = (SD.sigma_to_t(sched.sigmas[:-1]) - t_diffusers).abs().max().item()
@@ -670,8 +645,8 @@ def test_dpmpp_karras_rounds_the_network_timestep():
     timesteps.round()`` (for every beta schedule but squaredcos_cap_v2), while step() uses the
     unrounded Karras sigmas: the network is conditioned on round(t(sigma)), not t(sigma). The
     agreement case "dpmpp_2m karras (rounded t)" matches once inkwash's network rounds too."""
-    sched = _scheduler(DPMSolverMultistepScheduler, LINEAR, **DPMPP_2M, use_karras_sigmas=True)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(DPMSolverMultistepScheduler, LINEAR, **DPMPP_2M, use_karras_sigmas=True)
+    set_timesteps(sched, 20)
     t_exact = LINEAR.sigma_to_t(sched.sigmas[:-1])
     assert torch.equal(sched.timesteps.double(), t_exact.round())
     assert (t_exact - sched.timesteps).abs().max() > 0.1
@@ -716,8 +691,8 @@ def test_diffusers_dpmpp_2m_at_1000_steps_stays_finite():
     from t = 500 to t = 500 (h = 0); step 500 then has r0 = h_0 / h = 0 and the same model output twice,
     so ``D1 = (1.0 / r0) * (m0 - m1)`` = inf * 0 = NaN (multistep_dpm_solver_second_order_update), and
     every later state is NaN (diffusers 0.42.1)."""
-    sched = _scheduler(DPMSolverMultistepScheduler, LINEAR, float64=False, **DPMPP_2M)
-    _set_timesteps(sched, 1000, float64=False)
+    sched = diffusers_scheduler(DPMSolverMultistepScheduler, LINEAR, float64=False, **DPMPP_2M)
+    set_timesteps(sched, 1000, float64=False)
     assert len(sched.timesteps) == 1000
     states = _diffusers_states(sched, _gaussian_eps, _initial().float())
     assert all(torch.isfinite(state).all() for state in states)
@@ -753,8 +728,8 @@ def test_diffusers_unipc_bh1_final_step_to_zero_is_finite():
 def _dpmpp_3m_sde(denoised: list | None = None):
     """DPM-Solver++(3M) SDE on diffusers' 20-step grid; solver_type="heun" as inkwash's second-order warm-up."""
     config = {**DPMPP_2M, "algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}
-    sched = _scheduler(DPMSolverMultistepScheduler, LINEAR, **config)
-    _set_timesteps(sched, 20)
+    sched = diffusers_scheduler(DPMSolverMultistepScheduler, LINEAR, **config)
+    set_timesteps(sched, 20)
     sigmas = sched.sigmas
     x = _initial()
     expected = _diffusers_states(sched, FakeEps(LINEAR), x, generator=_generator(1))

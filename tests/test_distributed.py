@@ -18,7 +18,7 @@ from inkwash.training.loop import TrainConfig, train
 PROBE = """
 import hashlib, os, sys
 import torch
-import inkwash.training.loop as trainer
+from inkwash.training import loop, trainer
 from inkwash.data.loading import load_digits
 from inkwash.training.objectives import diffusion_loss
 from inkwash.core.schedule import NoiseSchedule
@@ -32,9 +32,9 @@ def spy(ema, model, decay):
     original(ema, model, decay)
 trainer.ema_update = spy
 # device="cpu": these tests are of gloo on the CPU, whatever GPUs the machine has.
-config = trainer.TrainConfig(out=out, preset="tiny", steps=steps, batch_size=batch, lr=2e-3, warmup_steps=5,
-                             log_every=1, checkpoint_every=1000, resume="latest" if resume else None, device="cpu")
-trainer.train(config, show_progress=False)
+config = loop.TrainConfig(out=out, preset="tiny", steps=steps, batch_size=batch, lr=2e-3, warmup_steps=5,
+                          log_every=1, checkpoint_every=1000, resume="latest" if resume else None, device="cpu")
+loop.train(config, show_progress=False)
 model = models[0].eval()
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 with torch.no_grad():

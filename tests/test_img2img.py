@@ -100,16 +100,14 @@ def test_a_mask_of_another_size_is_resized_to_the_init_image_first(tmp_path, cap
     would have put the band at columns 4-8 instead."""
     from PIL import Image
 
-    from inkwash.commands.sample import load_init_and_mask
-    from inkwash.sampling.options import SampleOptions
+    from inkwash.pipeline import read_init, read_mask
 
     Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "init.png")  # W=32, H=16
     mask = np.zeros((16, 16), np.uint8)
     mask[:, 4:8] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    options = SampleOptions(checkpoint="unused", out="unused", init_image=str(tmp_path / "init.png"))
-    options.mask = str(tmp_path / "mask.png")
-    init, loaded = load_init_and_mask(options, (1, 16, 16))
+    init, init_size = read_init(tmp_path / "init.png", 1, 16, show=True)
+    loaded = read_mask(str(tmp_path / "mask.png"), 16, init_size, show=True)
     assert init.shape == (1, 1, 16, 16) and loaded.shape == (1, 1, 16, 16)
     assert loaded[0, 0, :, :8].eq(1).all() and loaded[0, 0, :, 8:].eq(0).all()
     assert "the 16x16 mask was resized to the init image's 32x16" in capsys.readouterr().out

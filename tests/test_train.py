@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from inkwash.data.loading import load_digits
 from inkwash.errors import InkwashError
-from inkwash.pictures import read_log
+from inkwash.training.log import read_log
 from inkwash.training.loop import EpochSampler, TrainConfig, diffusion_loss, train
 
 

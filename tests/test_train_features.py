@@ -12,7 +12,7 @@ from inkwash.checkpoint import load_model
 from inkwash.core.schedule import NoiseSchedule
 from inkwash.data.loading import ImageData, load_digits
 from inkwash.errors import InkwashError
-from inkwash.pictures import read_log
+from inkwash.training.log import read_log
 from inkwash.training.loop import TrainConfig, train
 from inkwash.training.objectives import diffusion_loss, learning_rate, min_snr_weight
 
@@ -144,7 +144,7 @@ def _scaler_state(run_dir):
 
 def test_fp16_trains_on_a_cpu_with_the_loss_scaler(tmp_path, digits):
     """CPU autocast to fp16 takes the same path as a GPU's: scaled loss, unscale, clip, scaler step."""
-    from inkwash.training.hooks import make_scaler
+    from inkwash.training.trainer import make_scaler
 
     assert isinstance(make_scaler("fp16", torch.device("cpu")), torch.amp.GradScaler)
     assert make_scaler("bf16", torch.device("cpu")) is None and make_scaler("fp32", torch.device("cpu")) is None
@@ -157,7 +157,7 @@ def test_fp16_trains_on_a_cpu_with_the_loss_scaler(tmp_path, digits):
 def test_fp16_overflow_skips_the_step_and_backs_the_scale_off(tmp_path, digits, monkeypatch):
     """Start at a loss scale of 2^24, where the fp16 gradients overflow: each such step is skipped,
     the scale halves, and training goes on once the gradients fit."""
-    import inkwash.training.loop as trainer
+    import inkwash.training.trainer as trainer
 
     monkeypatch.setattr(
         trainer, "make_scaler", lambda precision, device: torch.amp.GradScaler(device.type, init_scale=2.0**24)
@@ -183,7 +183,7 @@ def test_fp16_stops_after_max_nonfinite_steps_in_a_row(tmp_path, digits):
 
 
 def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path, digits, monkeypatch):
-    import inkwash.training.loop as trainer
+    import inkwash.training.trainer as trainer
 
     monkeypatch.setattr(
         trainer, "make_scaler", lambda precision, device: torch.amp.GradScaler(device.type, init_scale=2.0**24)
@@ -199,7 +199,7 @@ def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path, digits, monkeypat
 
 
 def test_label_dropout_feeds_the_null_class_at_the_requested_rate(tmp_path, digits, monkeypatch):
-    import inkwash.training.loop as trainer
+    import inkwash.training.trainer as trainer
 
     seen = []
     original = trainer.diffusion_loss
@@ -282,7 +282,7 @@ def test_channels_last_trains_like_the_default_layout(tmp_path, digits):
 def test_grad_accum_draws_micro_batches_per_optimizer_step(tmp_path, digits, monkeypatch):
     """--grad-accum 2 with --batch-size 4: two micro-batches of 4 per optimizer step, and the logged
     images/s counts all eight."""
-    import inkwash.training.loop as trainer
+    import inkwash.training.trainer as trainer
 
     draws = []
     original = trainer.diffusion_loss
@@ -300,7 +300,7 @@ def test_grad_accum_draws_micro_batches_per_optimizer_step(tmp_path, digits, mon
 def test_two_micro_batches_of_4_give_the_gradient_of_one_batch_of_8(tmp_path, digits, monkeypatch):
     """The same eight images with the same (t, noise) each: the accumulated gradient that reaches the
     optimizer must equal the one-batch gradient. Without the division by --grad-accum it is twice as large."""
-    import inkwash.training.loop as trainer
+    import inkwash.training.trainer as trainer
 
     original_loss, original_clip = trainer.diffusion_loss, torch.nn.utils.clip_grad_norm_
 

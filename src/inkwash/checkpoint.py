@@ -109,6 +109,16 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def newest_checkpoint(path: str | Path, marker: str = CONFIG_FILE) -> Path | None:
+    """``path`` itself when it is a checkpoint (it holds ``marker``), else the newest complete
+    checkpoint of the run directory ``path``, or None when it has none."""
+    path = Path(path)
+    if (path / marker).is_file():
+        return path
+    found = step_dirs(path)
+    return found[-1] if found else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or a run directory's newest complete checkpoint."""
     path = Path(path)
@@ -116,12 +126,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise InkwashError(f"checkpoint directory not found: {path}")
     if not path.is_dir():
         raise InkwashError(f"--checkpoint must be a run directory, got a file: {path}")
-    if (path / CONFIG_FILE).is_file():
-        return path
-    found = step_dirs(path)
-    if not found:
+    found = newest_checkpoint(path)
+    if found is None:
         raise InkwashError(f"not an inkwash run directory (no {CONFIG_FILE} and no {CHECKPOINTS_DIR}/): {path}")
-    return found[-1]
+    return found
 
 
 def read_config(run_dir: str | Path) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from PIL import Image, ImageDraw
 from inkwash.core.schedule import NoiseSchedule
 from inkwash.data.loading import to_uint8
 from inkwash.files import atomic_write_bytes
+from inkwash.training.log import read_log
 
 BACKGROUND = (255, 255, 255)
 
@@ -112,16 +112,6 @@ def reverse_strip(
         labels += ["x_t", "x0^"]
     col_labels = [f"s={sigma:.3g}" for sigma, _, _ in trajectory] + ["final"]
     return tile(rows, row_labels=labels, col_labels=col_labels)
-
-
-def read_log(path: str | Path) -> dict[str, list[float]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    # Evaluation columns are empty on the rows without an evaluation: NaN there.
-    return {
-        key: [float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]
-        for key in (rows[0] if rows else [])
-    }
 
 
 TRAINING_COLUMNS = ("step", "loss", "lr", "images_per_sec", "skipped")

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from inkwash.data.cache import cache_file, cache_key, default_cache_dir, read_cache, write_cache
 from inkwash.data.standard import SPLITS, STANDARD_DATASETS, load_standard
+from inkwash.data.walk import list_files
 from inkwash.errors import InkwashError
 from inkwash.progress import progress
 
@@ -195,15 +196,6 @@ def _decode(
         return "unreadable"
 
 
-def _list_files(root: Path) -> list[Path]:
-    """Every file under root, sorted, leaving out hidden files and anything inside hidden folders."""
-    files = (p for p in root.rglob("*") if p.is_file())
-    return sorted(
-        (p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-
-
 def _warn_skips(root: Path, counts: dict[str, int], num_files: int, min_side: int) -> None:
     total = sum(counts.values())
     if total:
@@ -265,7 +257,7 @@ def load_folder(
             f"--data must be digits, {', '.join(STANDARD_DATASETS)} or a folder of images, got a file: {root}"
         )
     _check_resize_mode(resize_mode)
-    files = _list_files(root)
+    files = list_files(root)
     relative = [file.relative_to(root).parts for file in files]
     class_names = sorted({parts[0] for parts in relative if len(parts) > 1}) if class_cond else None
     if class_cond and not class_names:

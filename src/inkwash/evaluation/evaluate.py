@@ -28,8 +28,17 @@ from inkwash.evaluation.metrics import frechet_distance_features, kernel_incepti
 from inkwash.evaluation.reference import SPLIT_SEED, Reference, load_image_array, load_reference, reference_features
 from inkwash.evaluation.swd import sliced_wasserstein_pyramid
 from inkwash.files import atomic_write_text
+from inkwash.options import check_options, option
 from inkwash.sampling.generate import generate
-from inkwash.sampling.options import DEFAULT_STEPS, inference_device, sampler_options
+from inkwash.sampling.options import (
+    DEFAULT_STEPS,
+    device_option,
+    inference_device,
+    precision_option,
+    sampler_option,
+    sampler_options,
+    schedule_option,
+)
 from inkwash.sampling.samplers import get_sampler
 
 METRICS = {
@@ -271,26 +280,52 @@ def periodic_eval(
 class EvalOptions:
     """``inkwash eval``: the images (``samples`` or a ``checkpoint`` to sample), the reference and metrics."""
 
-    reference: str
-    samples: str | None = None
-    checkpoint: str | None = None
-    num_samples: int | None = None  # None: every image of --samples, or 1000 from a checkpoint
-    metrics: tuple[str, ...] = DEFAULT_METRICS
-    features: str | None = None
-    inception_weights: str | None = None
-    sampler: str = "ddim"
-    steps: int | None = None
-    schedule: str | None = None  # None: the sampler's own
-    eta: float | None = None
-    seed: int = 0
-    batch_size: int = 250
-    use_ema: bool = True
-    nll_terms: int | None = 100
-    guidance_scale: float = 1.0  # classifier-free guidance for a class-conditional checkpoint
-    device: str = "auto"  # where a --checkpoint is sampled; auto: the GPU when there is one
-    precision: str = "fp32"  # autocast of the network while sampling; bits/dim is always fp32
-    json: str | None = None
-    show_progress: bool = True
+    reference: str = option(help="'digits', a folder of images or an .npz of images")
+    samples: str | None = option(
+        None, "an .npz of uint8 images (as 'inkwash sample' writes) or a folder", one_of="images"
+    )
+    checkpoint: str | None = option(
+        None, "a run directory to sample (with the sampling options below)", one_of="images"
+    )
+    num_samples: int | None = option(None, "(default: all of --samples; 1000 from --checkpoint)", minimum=1)
+    metrics: tuple[str, ...] = option(DEFAULT_METRICS, f"comma-separated, from {','.join(METRICS)}", choices=METRICS)
+    features: str | None = option(
+        None,
+        "feature network for fid/kid/pr (default: digits for the digits reference, random otherwise)",
+        choices=("digits", "random", "inception"),
+    )
+    inception_weights: str | None = option(
+        None,
+        "safetensors weights of --features inception, converted from pytorch-fid's .pth "
+        "(default: $INKWASH_INCEPTION_WEIGHTS, else pt_inception-2015-12-05.safetensors in the cache directory)",
+    )
+    sampler: str = sampler_option("")
+    steps: int | None = option(None, "(default: 1000 for ddpm, else 50)", minimum=1)
+    schedule: str | None = schedule_option("(default: the sampler's own)")
+    eta: float | None = option(None, "(default: the sampler's)", minimum=0)
+    seed: int = option(0, minimum=0)
+    batch_size: int = option(250, minimum=1)
+    use_ema: bool = option(True, "use the raw weights instead of the EMA", flag="--no-ema")
+    nll_terms: int | None = option(
+        100, "KL terms of the bound per image, stratified; 999 or more sums all of them", minimum=1
+    )
+    guidance_scale: float = option(
+        1.0,
+        "classifier-free guidance for a class-conditional --checkpoint, whose labels follow its "
+        "training class frequencies (default: 1.0, plain conditional sampling)",
+        minimum=0,
+    )
+    device: str = device_option("--checkpoint: where the network runs; auto is the GPU when there is one")
+    precision: str = precision_option(
+        "--checkpoint: bf16 or fp16 autocast of the network (fast on GPUs and AMX CPUs); the sampler's "
+        "arithmetic stays fp32; bits/dim is always fp32"
+    )
+    json: str | None = option(None, "also write the report as JSON")
+    show_progress: bool = option(True, "progress bars on stderr", cli=False)
+
+    def validate(self) -> None:
+        """Each option's type, choices and limits, and exactly one of ``samples`` and ``checkpoint``."""
+        check_options(self)
 
 
 @dataclass
@@ -312,13 +347,13 @@ def load_samples(path: str | Path) -> torch.Tensor:
     from PIL import Image
 
     from inkwash.data.loading import load_folder
+    from inkwash.data.walk import list_files
 
     path = Path(path)
     if path.is_dir():
         if (path / "samples.npz").is_file():
             return load_image_array(path / "samples.npz")
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        for file in files:
+        for file in list_files(path):  # the files load_folder reads, so the first readable one sets the shape
             try:
                 with Image.open(file) as image:
                     channels = 1 if image.mode in ("L", "1", "I", "I;16") else 3

@@ -30,6 +30,7 @@ import torch
 
 from inkwash.data.cache import cache_root
 from inkwash.data.loading import SPLIT_SEED, load_data, load_digits, split_indices, to_unit_range
+from inkwash.data.walk import list_files
 from inkwash.errors import InkwashError
 from inkwash.files import atomic_write_bytes
 
@@ -88,9 +89,8 @@ def load_image_array(path: str | Path) -> torch.Tensor:
 
 
 def _folder_listing(root: Path) -> list[list]:
-    """(relative path, size, mtime_ns) of every file ``data.load_folder`` would try."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    """(relative path, size, mtime_ns) of every file ``data.load_folder`` tries (``data.walk.list_files``)."""
+    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in list_files(root)]
 
 
 def load_reference(spec: str, image_shape: tuple[int, int, int], show_progress: bool = False) -> Reference:

@@ -7,45 +7,106 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from inkwash.core.precision import PRECISIONS, precision_warning
+from inkwash.core.sigmas import STEP_SCHEDULES
 from inkwash.errors import InkwashError
-from inkwash.sampling.samplers import get_sampler
+from inkwash.options import check_options, option
+from inkwash.sampling.samplers import SAMPLERS, get_sampler
+from inkwash.training.config import DEVICES
 from inkwash.training.distributed import resolve_device
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
 DEFAULT_PER_CLASS = 8
 
 
+def sampler_id(name: str) -> str:
+    """A sampler's id from its id or its WebUI name, e.g. "Euler a" -> "euler_ancestral"; ValueError if unknown."""
+    return get_sampler(name).id
+
+
+# Options that ``inkwash sample`` and ``inkwash eval --checkpoint`` share: one declaration of their
+# choices and spellings, each command with its own help.
+def sampler_option(help: str) -> Any:
+    return option("ddim", help, choices=SAMPLERS, parse=sampler_id, metavar="SAMPLER")
+
+
+def schedule_option(help: str) -> Any:
+    return option(None, help, choices=STEP_SCHEDULES)
+
+
+def device_option(help: str = "where the network runs; auto is the GPU when there is one") -> Any:
+    return option("auto", help, choices=DEVICES)
+
+
+def precision_option(
+    help: str = "bf16 or fp16 autocast of the network (fast on GPUs and AMX CPUs); the sampler's arithmetic stays fp32",
+) -> Any:
+    return option("fp32", help, choices=PRECISIONS)
+
+
 @dataclass
 class SampleOptions:
-    checkpoint: str
-    out: str
-    sampler: str = "ddim"
-    steps: int | None = None
-    schedule: str | None = None  # None: the sampler's default_schedule
-    eta: float | None = None  # None: the sampler's own default
-    variance: str | None = None
-    s_churn: float | None = None
-    rho: float = 7.0
-    num_images: int = 64
-    batch_size: int = 64
-    seed: int = 0
-    use_ema: bool = True
-    clip_denoised: bool = True
-    init_image: str | None = None  # a file or a folder of images (img2img / inpainting)
-    strength: float = 0.75
-    mask: str | None = None  # white = generate, black = keep
-    strip_points: int = 8
-    class_label: str | None = None  # a class name, an index, or "all" (image i gets class i mod K)
-    guidance_scale: float = 1.0  # classifier-free guidance weight w; 1 = plain conditional sampling
-    grid_by_class: bool = False  # one grid row of per_class images for every class
-    per_class: int | None = None  # images per class with grid_by_class (None: DEFAULT_PER_CLASS)
-    device: str = "auto"  # auto: the GPU when there is one
-    precision: str = "fp32"  # bf16 / fp16 autocast the network; the sampler's arithmetic stays fp32
-    show_progress: bool = True
+    checkpoint: str = option(help="run directory with config.json and weights")
+    out: str = option(help="output directory")
+    sampler: str = sampler_option("a sampler id or WebUI name, e.g. ddim, 'Euler a', dpmpp_2m; see 'inkwash samplers'")
+    steps: int | None = option(None, "sampler steps (default: 1000 for ddpm, 50 for the others)", minimum=1)
+    schedule: str | None = schedule_option("step schedule (default: the sampler's own, listed by 'inkwash samplers')")
+    eta: float | None = option(
+        None,
+        "noise scale of DDIM and the ancestral/SDE samplers; DDIM: 0 deterministic, 1 = DDPM posterior "
+        "(default: the sampler's, 0 for DDIM and 1 for the others)",
+        minimum=0,
+    )
+    variance: str | None = option(None, "DDPM variance (default: beta_tilde)", choices=("beta_tilde", "beta"))
+    s_churn: float | None = option(None, "Karras et al.'s churn for euler, heun and dpm_2 (default: 0)", minimum=0)
+    rho: float = option(7.0, "rho of the karras schedule", exclusive_minimum=0)
+    init_image: str | None = option(None, "img2img: start from this image (or folder of images)")
+    strength: float = option(
+        0.75,
+        "img2img: how much of the schedule to run, 0 returns the input, 1 starts from pure noise",
+        minimum=0,
+        maximum=1,
+    )
+    mask: str | None = option(
+        None,
+        "inpainting: a mask image, white = regenerate, black = keep; one of another size than the init "
+        "image is resized to it first, as the WebUI does",
+    )
+    num_images: int = option(64, minimum=1)
+    batch_size: int = option(64, minimum=1)
+    seed: int = option(0, "image i uses seed S+i", minimum=0)
+    use_ema: bool = option(True, "use the raw weights instead of the EMA", flag="--no-ema")
+    clip_denoised: bool = option(True, "do not clip the predicted x0 to [-1, 1] at each step", flag="--no-clip")
+    class_label: str | None = option(
+        None,
+        "class-conditional checkpoints: a class name from the checkpoint (e.g. 3 for digits), an index, "
+        "or 'all' (image i gets class i mod the number of classes) (default: unconditional)",
+        flag="--class",
+        metavar="CLASS",
+    )
+    guidance_scale: float = option(
+        1.0,
+        "classifier-free guidance weight w: 0 unconditional, 1 conditional, > 1 stronger; any other w "
+        "doubles the model evaluations",
+        minimum=0,
+    )
+    grid_by_class: bool = option(
+        False,
+        "sample every class: grid.png gets one labelled row of --per-class images per class (replaces --num-images)",
+    )
+    per_class: int | None = option(None, "images per class with --grid-by-class (default: 8)", minimum=1)
+    device: str = device_option()
+    precision: str = precision_option()
+    strip_points: int = option(8, "columns of reverse.png", minimum=1, cli=False)
+    show_progress: bool = option(True, "progress bars on stderr", cli=False)
+
+    def validate(self) -> None:
+        """Each option's type, choices and limits (the checks that need a model come when it is loaded)."""
+        check_options(self)
 
 
 def inference_device(device: str, precision: str) -> torch.device:

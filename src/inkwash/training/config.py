@@ -1,8 +1,10 @@
-"""``TrainConfig``: every option of a training run, with its default and its validation."""
+"""``TrainConfig``: every option of a training run, with its default, its help and its checks.
+
+``inkwash train`` builds its flags and reads ``--config`` files from these fields (see inkwash.options).
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from inkwash.core.denoiser import PREDICTIONS
@@ -10,94 +12,121 @@ from inkwash.core.precision import PRECISIONS
 from inkwash.core.schedule import BETA_SCHEDULES
 from inkwash.core.unet import PRESETS
 from inkwash.errors import InkwashError
+from inkwash.options import check_options, option
 from inkwash.training.objectives import LR_SCHEDULES
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class TrainConfig:
-    data: str = "digits"
-    out: str = "runs/digits"
-    preset: str = "digits"
-    steps: int = 2000
-    batch_size: int = 64  # per process and per micro-batch
-    lr: float = 1e-3
-    image_size: int | None = None  # defaults to the preset's
-    dropout: float | None = None  # defaults to the preset's
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_last: int = 3  # checkpoints kept on disk
-    resume: str | None = None  # "latest" or a checkpoint / run directory
-    warmup_steps: int = 100
-    lr_schedule: str = "constant"
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    ema_decay: float = 0.999
-    beta_schedule: str = "linear"
-    prediction: str = "eps"
-    zero_terminal_snr: bool = False
-    min_snr_gamma: float | None = None  # Min-SNR-gamma weighting (Hang et al. 2023); 5 is their choice
-    input_perturbation: float = 0.0  # DDPM-IP (Ning et al. 2023): x_t from noise + gamma * xi; 0.1 is theirs
-    precision: str = "fp32"
-    device: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
-    log_every: int = 10
-    sample_every: int | None = None  # write a sample grid every N steps
-    eval_every: int | None = None  # score the EMA model every N steps (inkwash.evaluation.evaluate.periodic_eval)
-    eval_metrics: str = "fid,kid"
-    eval_samples: int = 500
-    eval_reference: str | None = None  # digits, a folder or an .npz; default: --data when it is one of those
-    tensorboard: bool = False
-    time_limit: float | None = None  # seconds; stop early when reached (used by the demo)
-    class_cond: bool = False  # labels from the dataset (a folder's first-level subfolders are classes)
-    cond_drop: float = 0.1  # label dropout for classifier-free guidance
-    data_dir: str = "data"  # where mnist, fashion-mnist and cifar10 files live
-    resize_mode: str = "crop"  # "crop": short side then center crop; "resize": squash to a square
-    hflip: bool = False  # random horizontal flips of each training batch
-    download: bool = False  # fetch missing standard-dataset files (checksummed)
-    overwrite: bool = False  # a fresh run may replace a run already in ``out``
-    deterministic: bool = True  # deterministic CUDA kernels, so that resume is exact on a GPU too
+    # data
+    data: str = option(
+        "digits",
+        "a dataset name, or a folder of images (searched recursively)",
+        required=True,
+        metavar="digits|mnist|fashion-mnist|cifar10|FOLDER",
+    )
+    data_dir: str = option("data", "where mnist, fashion-mnist and cifar10 files live")
+    download: bool = option(False, "download missing mnist/fashion-mnist/cifar10 files (checksummed)")
+    class_cond: bool = option(False, "use class labels (a folder's first-level subfolders are classes)")
+    cond_drop: float = option(
+        0.1,
+        "label dropout for classifier-free guidance, with --class-cond",
+        minimum=0,
+        exclusive_maximum=1,
+    )
+    resize_mode: str = option(
+        "crop",
+        "crop: resize the short side, then center-crop; resize: squash to a square",
+        choices=("crop", "resize"),
+    )
+    hflip: bool = option(False, "random horizontal flips of the training images")
+    # the run folder
+    out: str = option("runs/digits", "run directory for checkpoints, log and pictures", required=True)
+    resume: str | None = option(
+        None,
+        "continue exactly from OUT's newest checkpoint (or start if it has none), or from PATH",
+        metavar="latest|PATH",
+        file=False,
+    )
+    overwrite: bool = option(
+        False,
+        "start afresh in an OUT that already holds a run: the old run is moved aside and deleted",
+        file=False,
+    )
+    checkpoint_every: int = option(500, "steps between checkpoints", minimum=1)
+    keep_last: int = option(3, "checkpoints kept in OUT/checkpoints", minimum=1)
+    max_nonfinite: int = option(10, "stop after this many non-finite steps in a row; each is skipped", minimum=1)
+    # model and noise
+    preset: str = option("digits", "UNet preset", choices=PRESETS)
+    image_size: int | None = option(None, "image side in pixels (default: the preset's)", minimum=4, maximum=1024)
+    dropout: float | None = option(
+        None, "residual-block dropout (default: the preset's, 0.1)", minimum=0, exclusive_maximum=1
+    )
+    beta_schedule: str = option("linear", choices=BETA_SCHEDULES)
+    prediction: str = option("eps", "what the network predicts", choices=PREDICTIONS)
+    zero_terminal_snr: bool = option(
+        False, "rescale the betas so the last step is pure noise (Lin et al. 2023); use with --prediction v"
+    )
+    # optimisation
+    steps: int = option(3000, "optimizer steps", minimum=1)
+    batch_size: int = option(64, "per process and per micro-batch", minimum=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", minimum=1)
+    lr: float = option(1e-3, "peak learning rate", exclusive_minimum=0)
+    warmup_steps: int = option(100, "linear learning-rate warm-up", minimum=0)
+    lr_schedule: str = option("constant", "after warm-up", choices=LR_SCHEDULES)
+    weight_decay: float = option(0.0, "AdamW", minimum=0)
+    adam_beta1: float = option(0.9, "AdamW", minimum=0, exclusive_maximum=1)
+    adam_beta2: float = option(
+        0.999, "AdamW; 0.99 adapts faster, which helped a short digits run", minimum=0, exclusive_maximum=1
+    )
+    grad_clip: float = option(1.0, "gradient-norm clip", exclusive_minimum=0, cli=False)
+    ema_decay: float = option(0.999, minimum=0, exclusive_maximum=1)
+    seed: int = option(0, minimum=0)
+    # loss
+    min_snr_gamma: float | None = option(
+        None,
+        "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs) (default: off)",
+        exclusive_minimum=0,
+    )
+    input_perturbation: float = option(
+        0.0,
+        "DDPM-IP (Ning et al. 2023): noise the input with noise + GAMMA * extra noise, keep the target; "
+        "0.1 is theirs (default: off)",
+        minimum=0,
+        maximum=1,
+        metavar="GAMMA",
+    )
+    # hardware
+    device: str = option("auto", "where the network trains; auto is the GPU when there is one", choices=DEVICES)
+    precision: str = option(
+        "fp32",
+        "bf16 autocast, or fp16 autocast with loss scaling (for GPUs; slow on most CPUs)",
+        choices=PRECISIONS,
+    )
+    deterministic: bool = option(
+        True,
+        "deterministic CUDA kernels, so that a resumed GPU run is bitwise exact; CPU training is "
+        "deterministic either way",
+    )
+    channels_last: bool = option(False, "channels_last memory format")
+    compile: bool = option(False, "torch.compile the network (slow to start)")
+    time_limit: float | None = option(
+        None, "seconds; stop early when reached (used by the demo)", exclusive_minimum=0, cli=False
+    )
+    # monitoring
+    log_every: int = option(10, "steps per log row", minimum=1)
+    sample_every: int | None = option(None, "write OUT/samples/step_N.png every N steps", minimum=1)
+    tensorboard: bool = option(False, "also log to OUT/tensorboard (needs the extra)")
+    eval_every: int | None = option(None, "score the EMA model every N steps into log.csv", minimum=1)
+    eval_metrics: str = option("fid,kid", "metrics for --eval-every (see inkwash eval)")
+    eval_samples: int = option(500, "images per --eval-every", minimum=2)
+    eval_reference: str | None = option(None, "digits, a folder or an .npz (default: --data when it is one)")
 
     def validate(self) -> None:
-        checks = [
-            (self.preset in PRESETS, f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}"),
-            (self.steps >= 1, "--steps must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
-            (self.image_size is None or 4 <= self.image_size <= 1024, "--image-size must be in 4..1024"),
-            (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
-            (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
-            (self.keep_last >= 1, "--keep-last must be at least 1"),
-            (self.warmup_steps >= 0, "warm-up steps must be >= 0"),
-            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
-            (self.grad_clip > 0, "gradient clip must be positive"),
-            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)"),
-            (0 <= self.adam_beta1 < 1, "--adam-beta1 must be in [0, 1)"),
-            (0 <= self.adam_beta2 < 1, "--adam-beta2 must be in [0, 1)"),
-            (self.beta_schedule in BETA_SCHEDULES, f"beta schedule must be one of {', '.join(BETA_SCHEDULES)}"),
-            (self.time_limit is None or self.time_limit > 0, "time limit must be positive"),
-            (self.prediction in PREDICTIONS, f"prediction must be one of {', '.join(PREDICTIONS)}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-            (self.min_snr_gamma is None or self.min_snr_gamma > 0, "--min-snr-gamma must be positive"),
-            (
-                0 <= self.input_perturbation <= 1 and math.isfinite(self.input_perturbation),
-                "--input-perturbation must be in [0, 1]",
-            ),
-            (0 <= self.cond_drop < 1, "--cond-drop must be in [0, 1)"),
-            (self.max_nonfinite >= 1, "--max-nonfinite must be at least 1"),
-            (self.sample_every is None or self.sample_every >= 1, "--sample-every must be at least 1"),
-            (self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1"),
-            (self.eval_samples >= 2, "--eval-samples must be at least 2"),
-            (
-                not self.zero_terminal_snr or self.prediction != "eps",
-                "--zero-terminal-snr needs --prediction v or x0: at zero SNR the noise says nothing about the image",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InkwashError(message)
+        check_options(self)
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise InkwashError(
+                "--zero-terminal-snr needs --prediction v or x0: at zero SNR the noise says nothing about the image"
+            )

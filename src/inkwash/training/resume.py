@@ -5,6 +5,7 @@ optimizer, ``state.safetensors`` (every RNG state, the data order, the step and 
 state) and ``config.json``. It is written in full under a temporary name, every file fsynced, and
 only then renamed into place, so a kill -9 at any moment leaves the newest complete checkpoint
 loadable. ``--keep-last N`` removes older ones the same way: renamed out of sight first, then deleted.
+A run resumes only from a checkpoint of the same model, schedule and data.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -30,6 +32,7 @@ from inkwash.checkpoint import (
     load_optimizer_state,
     load_tensors,
     load_weights,
+    newest_checkpoint,
     save_checkpoint,
     save_tensors,
     step_dirs,
@@ -37,14 +40,21 @@ from inkwash.checkpoint import (
 from inkwash.errors import InkwashError
 from inkwash.files import fsync_dir
 
+if TYPE_CHECKING:
+    from inkwash.core.schedule import NoiseSchedule
+    from inkwash.core.unet import UNetConfig
+    from inkwash.data.loading import ImageData
+    from inkwash.training.config import TrainConfig
+
 STATE_FILE = "state.safetensors"
 TEMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".old-"
 
 
 @dataclass
-class TrainingState:
-    """Everything besides the weights that an uninterrupted run would still have in memory."""
+class ResumeState:
+    """Everything besides the weights that an uninterrupted run would still have in memory: what
+    ``state.safetensors`` holds, so that a resumed run goes on bitwise as if never stopped."""
 
     step: int
     data_rng: torch.Tensor  # the shared data-order generator
@@ -65,7 +75,29 @@ def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
-def save_state(path: Path, state: TrainingState) -> None:
+def run_config(
+    config: TrainConfig, unet_config: UNetConfig, schedule: NoiseSchedule, data: ImageData, step: int, run_id: str
+) -> dict:
+    """A training checkpoint's ``config.json``: enough to rebuild the model and its schedule, and to
+    tell whether a run may resume from it."""
+    return {
+        "run_id": run_id,
+        "unet": unet_config.to_dict(),
+        "schedule": schedule.config.to_dict(),
+        "prediction": config.prediction,
+        "data": {
+            "source": data.source,
+            "shape": list(data.shape),
+            "num_images": len(data),
+            "class_names": data.class_names,
+            "class_counts": data.class_counts(),
+        },
+        "train": asdict(config),
+        "step": step,
+    }
+
+
+def save_state(path: Path, state: ResumeState) -> None:
     tensors = {"data_rng": state.data_rng, "order": state.order}
     for name in ("noise_rng", "torch_rng", "cuda_rng"):
         for rank, value in enumerate(getattr(state, name)):
@@ -80,7 +112,7 @@ def save_state(path: Path, state: TrainingState) -> None:
     save_tensors(path, tensors, metadata)
 
 
-def load_state(path: Path) -> TrainingState:
+def load_state(path: Path) -> ResumeState:
     tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
@@ -90,7 +122,7 @@ def load_state(path: Path) -> TrainingState:
         def per_rank(name: str) -> list[torch.Tensor]:
             return [tensors[f"{name}.{rank}"] for rank in range(world_size) if f"{name}.{rank}" in tensors]
 
-        return TrainingState(
+        return ResumeState(
             step=int(metadata["step"]),
             data_rng=tensors["data_rng"],
             order=tensors["order"],
@@ -111,7 +143,7 @@ def write_training_checkpoint(
     model: nn.Module,
     ema: nn.Module,
     optimizer: torch.optim.Optimizer,
-    state: TrainingState,
+    state: ResumeState,
     keep_last: int | None = None,
 ) -> Path:
     """Write ``RUN/checkpoints/step_NNNNNNNN`` atomically, then prune to the newest ``keep_last``."""
@@ -169,22 +201,19 @@ def find_resume_checkpoint(spec: str, run_dir: str | Path) -> Path | None:
     """``latest``: the run's newest complete checkpoint, or None when it has none yet (a fresh start,
     so one command both starts and restarts a job); otherwise a checkpoint or run directory."""
     if spec == "latest":
-        found = step_dirs(run_dir)
-        return found[-1] if found else None
+        return newest_checkpoint(run_dir, STATE_FILE)
     path = Path(spec)
     if not path.is_dir():
         raise InkwashError(f"--resume: no such checkpoint directory: {path}")
-    if (path / STATE_FILE).is_file():
-        return path
-    found = step_dirs(path)
-    if not found:
+    found = newest_checkpoint(path, STATE_FILE)
+    if found is None:
         raise InkwashError(f"--resume: {path} holds no training checkpoint (no {STATE_FILE}, no {CHECKPOINTS_DIR}/)")
-    return found[-1]
+    return found
 
 
 def check_compatible(saved: dict, wanted: dict, path: Path) -> None:
-    """The model and its noise schedule must be the same; anything else (steps, learning rate,
-    logging) may change on resume."""
+    """The model, its noise schedule and the number of images must be the same (``wanted`` is this
+    run's ``run_config``); anything else (steps, learning rate, logging) may change on resume."""
     differences = []
     for section in ("unet", "schedule"):
         old, new = saved.get(section, {}), wanted[section]
@@ -196,11 +225,17 @@ def check_compatible(saved: dict, wanted: dict, path: Path) -> None:
     if differences:
         shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
         raise InkwashError(f"cannot resume from {path}: this run's model differs from the checkpoint's ({shown})")
+    saved_images = saved.get("data", {}).get("num_images")
+    if saved_images != wanted["data"]["num_images"]:
+        raise InkwashError(
+            f"cannot resume from {path}: it was trained on {saved_images} images, "
+            f"this run has {wanted['data']['num_images']}"
+        )
 
 
 def load_training_checkpoint(
     path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer
-) -> TrainingState:
+) -> ResumeState:
     """Load weights, EMA and optimizer in place (check the config with ``check_compatible`` first);
     return the training state."""
     load_weights(model, path / MODEL_FILE)
