@@ -8,7 +8,7 @@ import pytest
 
 from inkwash.commands.cli import COMMANDS, build_parser, main, make_options
 from inkwash.errors import InkwashError
-from inkwash.evaluation.evaluate import EvalOptions
+from inkwash.evaluation.report import EvalOptions
 from inkwash.options import Spec, check_value, kind, parse_text, specs
 from inkwash.sampling.options import SampleOptions
 from inkwash.training.config import TrainConfig

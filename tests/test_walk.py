@@ -7,8 +7,8 @@ from PIL import Image
 
 from inkwash.data.loading import load_folder, to_uint8
 from inkwash.data.walk import list_files
-from inkwash.evaluation.evaluate import load_samples
 from inkwash.evaluation.reference import load_reference
+from inkwash.evaluation.report import load_samples
 
 VISIBLE = {"a.png": 10, "sub/b.png": 20, "sub/deeper/c.png": 30}  # relative path: gray level
 # Hidden files and files in hidden folders are RGB 12x12, so a sample folder whose shape were read from one

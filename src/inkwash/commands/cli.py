@@ -18,7 +18,7 @@ from typing import Any
 
 from inkwash.core.schedule import BETA_SCHEDULES
 from inkwash.errors import InkwashError
-from inkwash.evaluation.evaluate import EvalOptions
+from inkwash.evaluation.report import EvalOptions
 from inkwash.options import add_arguments, given_options, missing_options, option, read_config_file, specs
 from inkwash.progress import close_bars
 from inkwash.sampling.options import SampleOptions, schedule_option
@@ -193,7 +193,7 @@ def cmd_bench(options: BenchOptions) -> None:
 
 
 def cmd_eval(options: EvalOptions) -> None:
-    from inkwash.evaluation.evaluate import format_table, run_eval
+    from inkwash.evaluation.report import format_table, run_eval
 
     print(format_table(run_eval(options)))
     if options.json:

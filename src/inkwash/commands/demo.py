@@ -12,7 +12,7 @@ import torch
 from inkwash.commands.sample import SampleOptions, sample_run
 from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.data.loading import load_digits
-from inkwash.evaluation.evaluate import EvalOptions, format_table, run_eval
+from inkwash.evaluation.report import EvalOptions, format_table, run_eval
 from inkwash.files import atomic_write_text
 from inkwash.pictures import noising_strip, save_png
 from inkwash.training.loop import LOSS_CURVE_FILE, TrainConfig, train

@@ -1,0 +1,238 @@
+"""``inkwash eval``: its options, reading the samples (a file, a folder, or a checkpoint to sample), the
+scores beside their floors (``evaluate.score_images``), the report table and its JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from inkwash.checkpoint import load_model
+from inkwash.core.denoiser import ModelDenoiser
+from inkwash.errors import InkwashError
+from inkwash.evaluation.evaluate import (
+    DEFAULT_METRICS,
+    FEATURE_METRICS,
+    METRICS,
+    MetricSettings,
+    class_prior_labels,
+    sample_images,
+    score_images,
+)
+from inkwash.evaluation.features import default_features
+from inkwash.evaluation.reference import load_image_array, load_reference
+from inkwash.files import atomic_write_text
+from inkwash.options import check_options, option
+from inkwash.sampling.options import (
+    device_option,
+    inference_device,
+    precision_option,
+    sampler_option,
+    schedule_option,
+)
+
+
+@dataclass
+class EvalOptions:
+    """``inkwash eval``: the images (``samples`` or a ``checkpoint`` to sample), the reference and metrics."""
+
+    reference: str = option(help="'digits', a folder of images or an .npz of images")
+    samples: str | None = option(
+        None, "an .npz of uint8 images (as 'inkwash sample' writes) or a folder", one_of="images"
+    )
+    checkpoint: str | None = option(
+        None, "a run directory to sample (with the sampling options below)", one_of="images"
+    )
+    num_samples: int | None = option(None, "(default: all of --samples; 1000 from --checkpoint)", minimum=1)
+    metrics: tuple[str, ...] = option(DEFAULT_METRICS, f"comma-separated, from {','.join(METRICS)}", choices=METRICS)
+    features: str | None = option(
+        None,
+        "feature network for fid/kid/pr (default: digits for the digits reference, random otherwise)",
+        choices=("digits", "random", "inception"),
+    )
+    inception_weights: str | None = option(
+        None,
+        "safetensors weights of --features inception, converted from pytorch-fid's .pth "
+        "(default: $INKWASH_INCEPTION_WEIGHTS, else pt_inception-2015-12-05.safetensors in the cache directory)",
+    )
+    sampler: str = sampler_option("")
+    steps: int | None = option(None, "(default: 1000 for ddpm, else 50)", minimum=1)
+    schedule: str | None = schedule_option("(default: the sampler's own)")
+    eta: float | None = option(None, "(default: the sampler's)", minimum=0)
+    seed: int = option(0, minimum=0)
+    batch_size: int = option(250, minimum=1)
+    use_ema: bool = option(True, "use the raw weights instead of the EMA", flag="--no-ema")
+    nll_terms: int | None = option(
+        100, "KL terms of the bound per image, stratified; 999 or more sums all of them", minimum=1
+    )
+    guidance_scale: float = option(
+        1.0,
+        "classifier-free guidance for a class-conditional --checkpoint, whose labels follow its "
+        "training class frequencies (default: 1.0, plain conditional sampling)",
+        minimum=0,
+    )
+    device: str = device_option("--checkpoint: where the network runs; auto is the GPU when there is one")
+    precision: str = precision_option(
+        "--checkpoint: bf16 or fp16 autocast of the network (fast on GPUs and AMX CPUs); the sampler's "
+        "arithmetic stays fp32; bits/dim is always fp32"
+    )
+    json: str | None = option(None, "also write the report as JSON")
+    show_progress: bool = option(True, "progress bars on stderr", cli=False)
+
+    def validate(self) -> None:
+        """Each option's type, choices and limits, and exactly one of ``samples`` and ``checkpoint``."""
+        check_options(self)
+
+
+@dataclass
+class EvalReport:
+    scores: dict[str, float]
+    counts: dict[str, int]
+    features: str | None
+    reference: str
+    images: str  # where the samples came from
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def load_samples(path: str | Path) -> torch.Tensor:
+    """An .npz of uint8 images, or a folder: its samples.npz (as ``inkwash sample`` writes) or its images."""
+    from PIL import Image
+
+    from inkwash.data.loading import load_folder
+    from inkwash.data.walk import list_files
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / "samples.npz").is_file():
+            return load_image_array(path / "samples.npz")
+        for file in list_files(path):  # the files load_folder reads, so the first readable one sets the shape
+            try:
+                with Image.open(file) as image:
+                    channels = 1 if image.mode in ("L", "1", "I", "I;16") else 3
+                    size = min(image.size)
+                break
+            except (OSError, ValueError, SyntaxError):
+                continue
+        else:
+            raise InkwashError(f"no readable images in {path}")
+        return load_folder(path, channels, size, show_progress=False, cache=False).images
+    if not path.exists():
+        raise InkwashError(f"--samples not found: {path}")
+    return load_image_array(path)
+
+
+def run_eval(options: EvalOptions) -> EvalReport:
+    """``inkwash eval``: load or draw the samples, score them, write JSON if asked."""
+    started = time.perf_counter()
+    settings = MetricSettings(
+        metrics=tuple(options.metrics),
+        features=options.features,
+        inception_weights=options.inception_weights,
+        seed=options.seed,
+        nll_terms=options.nll_terms,
+    )
+    settings.validate()
+    if (options.samples is None) == (options.checkpoint is None):
+        raise InkwashError("give exactly one of --samples and --checkpoint")
+    if options.guidance_scale != 1.0 and options.checkpoint is None:
+        raise InkwashError("--guidance-scale applies to --checkpoint sampling, not to --samples")
+    if options.json is not None and Path(options.json).is_dir():
+        raise InkwashError(f"--json must be a file name, got a directory: {options.json}")
+    denoiser = None
+    if options.samples is not None:
+        images = load_samples(options.samples)
+        if options.num_samples is not None:
+            images = images[: options.num_samples]
+        source = options.samples
+    else:
+        device = inference_device(options.device, options.precision)
+        model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
+        denoiser = ModelDenoiser(model.to(device), schedule, config.get("prediction", "eps"))
+        num_samples = options.num_samples or 1000
+        num_classes = int(config["unet"].get("num_classes", 0))
+        # A class-conditional model is scored on labels in its training class proportions (stratified).
+        labels = None
+        if num_classes > 0:
+            counts = (config.get("data") or {}).get("class_counts")
+            labels = class_prior_labels(num_classes, counts, num_samples, options.seed)
+        images = sample_images(
+            denoiser,
+            config["data"]["shape"],
+            num_samples,
+            labels=labels,
+            guidance_scale=options.guidance_scale,
+            sampler=options.sampler,
+            steps=options.steps,
+            schedule=options.schedule,
+            eta=options.eta,
+            seed=options.seed,
+            batch_size=options.batch_size,
+            show_progress=options.show_progress,
+            precision=options.precision,
+        )
+        source = options.checkpoint
+    reference = load_reference(options.reference, tuple(images.shape[1:]), options.show_progress)
+    scores, counts = score_images(images, reference, settings, denoiser=denoiser, show_progress=options.show_progress)
+    uses_features = any(m in settings.metrics for m in FEATURE_METRICS)
+    report = EvalReport(
+        scores=scores,
+        counts=counts,
+        features=(settings.features or default_features(reference.name)) if uses_features else None,
+        reference=options.reference,
+        images=source,
+        seconds=round(time.perf_counter() - started, 2),
+        settings={k: v for k, v in asdict(options).items() if k not in ("show_progress", "json")},
+    )
+    if options.json:
+        atomic_write_text(options.json, report.to_json())
+    return report
+
+
+_ROWS = [  # (key, label, format)
+    ("fid", "FID", ".3f"),
+    ("kid", "KID", ".5f"),
+    ("precision", "precision", ".3f"),
+    ("recall", "recall", ".3f"),
+    ("swd", "SWD x1e3 (mean)", ".2f"),
+    ("nll_bpd", "NLL bits/dim", ".4f"),
+]
+
+
+def format_table(report: EvalReport) -> str:
+    """The scores as a table, each beside its real-data floor."""
+    scores, counts = report.scores, report.counts
+    rows = []
+    for key, label, fmt in _ROWS:
+        if key not in scores:
+            continue
+        spread = f" ± {scores[key + '_std']:{fmt}}" if key + "_std" in scores else ""
+        floor = scores.get(key + "_floor")
+        floor_spread = f" ± {scores[key + '_std_floor']:{fmt}}" if key + "_std_floor" in scores else ""
+        floor_text = "-" if floor is None else f"{floor:{fmt}}{floor_spread}"
+        rows.append((label, f"{scores[key]:{fmt}}{spread}", floor_text))
+        if key == "swd":
+            levels = sorted(
+                (k for k in scores if k.startswith("swd_") and k.endswith("px")), key=lambda k: -int(k[4:-2])
+            )
+            rows += [(f"  {k[4:]}", f"{scores[k]:{fmt}}", f"{scores[k + '_floor']:{fmt}}") for k in levels]
+    header = (
+        f"{counts['samples']} samples from {report.images} against the test half of {report.reference} "
+        f"({counts['reference']} images)" + (f"; features: {report.features}" if report.features else "")
+    )
+    titles = ("metric", "score", "real-data floor")
+    widths = [max(len(r[i]) for r in [titles, *rows]) for i in range(3)]
+    lines = [header, "  ".join(h.ljust(w) for h, w in zip(titles, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.append(
+        f"real-data floor: {counts['floor']} images of the reference's train half scored the same way"
+        + (f"; NLL on {counts['nll_images']} test-half images" if "nll_images" in counts else "")
+        + f"; {report.seconds:.1f}s"
+    )
+    return "\n".join(lines)
