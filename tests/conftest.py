@@ -46,18 +46,40 @@ def gaussian_data():
     return mean, cov, GaussianDenoiser(mean, cov)
 
 
-@pytest.fixture
-def tiny_denoiser():
-    """A tiny UNet with a randomised (non-zero) output layer, wrapped as a denoiser."""
+def random_tiny_unet(num_classes: int = 0) -> UNet:
+    """A tiny UNet with randomised output layers, so that its output (and its class dependence) is not zero."""
     torch.manual_seed(0)
-    model = UNet(preset("tiny"))
+    model = UNet(preset("tiny", num_classes=num_classes))
     with torch.no_grad():
         for p in model.out_conv.parameters():
             p.normal_(0, 0.05)
         for block in model.modules():
             if hasattr(block, "conv2"):
                 block.conv2.weight.normal_(0, 0.02)
-    return ModelDenoiser(model.eval(), NoiseSchedule())
+    return model.eval()
+
+
+def save_random_run(path, class_names=None):
+    """``random_tiny_unet`` saved as a checkpoint folder (model and EMA alike)."""
+    from inkwash.checkpoint import save_checkpoint
+    from inkwash.core.schedule import ScheduleConfig
+
+    model = random_tiny_unet(len(class_names or []))
+    config = {
+        "unet": model.config.to_dict(),
+        "schedule": ScheduleConfig().to_dict(),
+        "prediction": "eps",
+        "data": {"source": "test", "shape": [1, 16, 16], "num_images": 0, "class_names": class_names},
+        "step": 0,
+    }
+    save_checkpoint(path, config, model, model)
+    return path
+
+
+@pytest.fixture
+def tiny_denoiser():
+    """A tiny UNet with a randomised (non-zero) output layer, wrapped as a denoiser."""
+    return ModelDenoiser(random_tiny_unet(), NoiseSchedule())
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,8 @@ import torch
 from PIL import Image
 
 import inkwash
-from inkwash.checkpoint import save_checkpoint
+from conftest import save_random_run
 from inkwash.commands.cli import main
-from inkwash.core.schedule import ScheduleConfig
-from inkwash.core.unet import preset
 from inkwash.data.loading import to_uint8
 from inkwash.errors import InkwashError
 from inkwash.pipeline import read_init
@@ -24,31 +22,10 @@ NAMES = ["cat", "dog", "owl"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _save_run(path: Path, class_names: list[str] | None) -> Path:
-    """A tiny checkpoint with randomised output layers, so that its images (and their class) vary."""
-    torch.manual_seed(0)
-    model = inkwash.UNet(preset("tiny", num_classes=len(class_names or [])))
-    with torch.no_grad():
-        for p in model.out_conv.parameters():
-            p.normal_(0, 0.05)
-        for block in model.modules():
-            if hasattr(block, "conv2"):
-                block.conv2.weight.normal_(0, 0.02)
-    config = {
-        "unet": model.config.to_dict(),
-        "schedule": ScheduleConfig().to_dict(),
-        "prediction": "eps",
-        "data": {"source": "test", "shape": [1, 16, 16], "num_images": 0, "class_names": class_names},
-        "step": 0,
-    }
-    save_checkpoint(path, config, model, model)
-    return path
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    return {"uncond": _save_run(root / "uncond", None), "cond": _save_run(root / "cond", NAMES)}
+    return {"uncond": save_random_run(root / "uncond"), "cond": save_random_run(root / "cond", NAMES)}
 
 
 @pytest.fixture(scope="module")

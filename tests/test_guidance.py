@@ -5,12 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from inkwash.checkpoint import save_checkpoint
+from conftest import random_tiny_unet, save_random_run
 from inkwash.commands.cli import main
 from inkwash.core.denoiser import ModelDenoiser
-from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
+from inkwash.core.schedule import NoiseSchedule
 from inkwash.core.sigmas import build_sigmas
-from inkwash.core.unet import UNet, preset
 from inkwash.sampling.generate import CountingDenoiser, generate
 from inkwash.sampling.guidance import GuidedDenoiser
 
@@ -18,22 +17,9 @@ NAMES = ["cat", "dog", "owl"]
 NULL = len(NAMES)
 
 
-def _tiny_unet(num_classes: int) -> UNet:
-    """A tiny UNet with randomised output layers, so that its output (and its class dependence) is not zero."""
-    torch.manual_seed(0)
-    model = UNet(preset("tiny", num_classes=num_classes))
-    with torch.no_grad():
-        for p in model.out_conv.parameters():
-            p.normal_(0, 0.05)
-        for block in model.modules():
-            if hasattr(block, "conv2"):
-                block.conv2.weight.normal_(0, 0.02)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def cond_denoiser():
-    return ModelDenoiser(_tiny_unet(len(NAMES)), NoiseSchedule())
+    return ModelDenoiser(random_tiny_unet(len(NAMES)), NoiseSchedule())
 
 
 def _inputs(batch: int = 4):
@@ -158,27 +144,14 @@ def test_generate_rejects_guidance_without_labels_or_null(cond_denoiser):
         generate(cond_denoiser, (1, 16, 16), sigmas, num_images=1, guidance_scale=-1.0)
 
 
-def _save_run(path, num_classes: int, class_names):
-    model = _tiny_unet(num_classes)
-    config = {
-        "unet": model.config.to_dict(),
-        "schedule": ScheduleConfig().to_dict(),
-        "prediction": "eps",
-        "data": {"source": "test", "shape": [1, 16, 16], "num_images": 0, "class_names": class_names},
-        "step": 0,
-    }
-    save_checkpoint(path, config, model, model)
-    return path
-
-
 @pytest.fixture(scope="module")
 def cond_run(tmp_path_factory):
-    return _save_run(tmp_path_factory.mktemp("cond"), len(NAMES), NAMES)
+    return save_random_run(tmp_path_factory.mktemp("cond"), NAMES)
 
 
 @pytest.fixture(scope="module")
 def uncond_run(tmp_path_factory):
-    return _save_run(tmp_path_factory.mktemp("uncond"), 0, None)
+    return save_random_run(tmp_path_factory.mktemp("uncond"))
 
 
 def _sample(run, out, *extra):

@@ -112,24 +112,28 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
-        raise InkwashError(f"{what} must be uint8 (H, W) or (H, W, 1|3|4), got {array.dtype} {array.shape}")
+        raise InkwashError(f"the {what} must be uint8 (H, W) or (H, W, 1|3|4), got {array.dtype} {array.shape}")
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+def _as_image(source: ImageInput, what: str) -> Image.Image:
+    """A PIL image from a file path, a PIL image or a uint8 array."""
+    if isinstance(source, np.ndarray):
+        return _from_array(source, what)
+    if isinstance(source, Image.Image):
+        return source
+    return open_image(Path(source), what)
 
 
 def read_init(source: ImageInput, channels: int, size: int, show: bool) -> tuple[torch.Tensor, tuple | None]:
     """The init image(s) as (N, C, H, W) in [-1, 1], and the (width, height) of a single one (None for a
     folder or a batch, whose images are each cropped to the model's square, and the mask with them)."""
     if isinstance(source, np.ndarray) and source.ndim == 4:
-        images = [_from_array(image, "an init image") for image in source]
+        images = [_from_array(image, "init image") for image in source]
         return to_unit_range(np.stack([prepare_image(image, channels, size) for image in images])), None
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         return load_folder(Path(source), channels, size, show_progress=show, cache=False).images, None
-    if isinstance(source, np.ndarray):
-        image = _from_array(source, "an init image")
-    elif isinstance(source, Image.Image):
-        image = source
-    else:
-        image = open_image(Path(source), "init image")
+    image = _as_image(source, "init image")
     return to_unit_range(prepare_image(image, channels, size)[None]), image.size
 
 
@@ -137,12 +141,7 @@ def read_mask(source: ImageInput, size: int, init_size: tuple | None, show: bool
     """The mask (white or True = generate, black = keep) as (1, 1, size, size) in {0, 1}. A mask of
     another size than a single init image is first resized to that image's size, as the WebUI does, so
     that both are cropped to the same region."""
-    if isinstance(source, np.ndarray):
-        image = _from_array(source, "a mask")
-    elif isinstance(source, Image.Image):
-        image = source
-    else:
-        image = open_image(Path(source), "mask")
+    image = _as_image(source, "mask")
     if init_size is not None and image.size != init_size:
         if show:
             width, height = init_size
