@@ -205,7 +205,7 @@ def test_cli_grid_by_class(cond_run, tmp_path, capsys):
         (True, ["--class", "emu"], "unknown class 'emu'; choose from cat, dog, owl"),
         (True, ["--class", "3"], "--class index 3 is out of range 0..2"),
         (True, ["--class", "-1"], "--class index -1 is out of range 0..2"),
-        (True, ["--guidance-scale", "2"], "--guidance-scale needs --class or --grid-by-class"),
+        (True, ["--guidance-scale", "2"], "--guidance-scale needs --class, --negative-class or --grid-by-class"),
         (True, ["--grid-by-class", "--class", "dog"], "leave out --class"),
         (True, ["--per-class", "2"], "--per-class needs --grid-by-class"),
     ],

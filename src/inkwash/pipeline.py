@@ -73,6 +73,7 @@ def plan_labels(options: SampleOptions, names: list[str]) -> tuple[torch.Tensor 
     if not names:
         for flag, used in (
             ("--class", options.class_label is not None),
+            ("--negative-class", options.negative_class is not None),
             ("--grid-by-class", options.grid_by_class),
             ("--guidance-scale", options.guidance_scale != 1.0),
         ):
@@ -87,8 +88,10 @@ def plan_labels(options: SampleOptions, names: list[str]) -> tuple[torch.Tensor 
             raise InkwashError(f"--per-class must be at least 1, got {per_class}")
         return torch.arange(len(names)).repeat_interleave(per_class), per_class * len(names)
     if options.class_label is None:
+        if options.negative_class is not None:  # steer the unconditional model away from a class
+            return torch.tensor([len(names)]), options.num_images
         if options.guidance_scale != 1.0:
-            raise InkwashError("--guidance-scale needs --class or --grid-by-class")
+            raise InkwashError("--guidance-scale needs --class, --negative-class or --grid-by-class")
         return None, options.num_images
     if options.class_label == "all":
         return torch.arange(options.num_images) % len(names), options.num_images
@@ -172,6 +175,7 @@ class SampleJob:
     num_images: int
     init: torch.Tensor | None  # (N or 1, C, H, W) in [-1, 1]
     mask: torch.Tensor | None  # (1, 1, H, W), 1 = generate
+    guidance_label: int | None = None  # the label guidance steers away from: the null label or a negative class
 
     @property
     def steps_run(self) -> int:
@@ -231,6 +235,9 @@ class Pipeline:
         info = check_request(options)
         given = sampler_options(info.id, eta=options.eta, variance=options.variance, s_churn=options.s_churn)
         labels, num_images = plan_labels(options, self.class_names)
+        guidance_label = len(self.class_names) or None
+        if options.negative_class is not None:
+            guidance_label = resolve_class(options.negative_class, self.class_names)
         steps = options.steps or DEFAULT_STEPS.get(info.id, 50)
         if steps > self.schedule.num_steps:
             raise InkwashError(f"--steps must be at most {self.schedule.num_steps}, got {steps}")
@@ -247,12 +254,21 @@ class Pipeline:
             if mask is not None:
                 mask_tensor = read_mask(mask, size, init_size, options.show_progress)
             sigmas = strength_sigmas(sigmas, options.strength)
-        return SampleJob(options, info, schedule_name, steps, sigmas, given, labels, num_images, init, mask_tensor)
+        return SampleJob(
+            options, info, schedule_name, steps, sigmas, given, labels, num_images, init, mask_tensor, guidance_label
+        )
 
-    def run(self, job: SampleJob, *, on_batch: Callable[[int, torch.Tensor], None] | None = None) -> SampleResult:
+    def run(
+        self,
+        job: SampleJob,
+        *,
+        on_batch: Callable[[int, torch.Tensor], None] | None = None,
+        on_step: Callable[[dict], None] | None = None,
+    ) -> SampleResult:
         """Sample ``job``: images (N, C, H, W) in [-1, 1], model evaluations per image and the reverse
         trajectory of ``strip_points`` steps of the first batch. ``on_batch(start, images)`` sees each
-        batch as it is done."""
+        batch as it is done; ``on_step(state)`` each step, and may stop the run by raising
+        ``inkwash.sampling.generate.SamplingInterrupted``."""
         options = job.options
         inference_device(self.device.type, options.precision)  # warns when the precision is slow here
         points = options.strip_points
@@ -273,10 +289,13 @@ class Pipeline:
             mask=job.mask,
             labels=job.labels,
             guidance_scale=options.guidance_scale,
-            null_label=len(self.class_names) or None,
+            null_label=job.guidance_label,
             clip_denoised=options.clip_denoised,
             device=self.device,
             precision=options.precision,
+            subseed=options.subseed,
+            subseed_strength=options.subseed_strength,
+            on_step=on_step,
         )
 
     def sample_options(self, **given: Any) -> SampleOptions:
@@ -298,7 +317,8 @@ class Pipeline:
         such as ``dpmpp_2m`` or a WebUI name such as ``"DPM++ 2M"``), ``steps``, ``schedule``, ``eta``,
         ``variance``, ``s_churn``, ``rho``, ``num_images``, ``batch_size``, ``seed`` (image i uses seed
         ``seed + i``), ``clip_denoised``, ``class_label`` (a class name, an index such as ``"3"`` or ``"all"``),
-        ``guidance_scale``, ``grid_by_class`` with ``per_class``, ``init_image`` with ``strength``
+        ``negative_class`` (guidance steers away from it), ``guidance_scale``, ``subseed`` with ``subseed_strength``
+        (variation seeds), ``grid_by_class`` with ``per_class``, ``init_image`` with ``strength``
         (img2img), ``mask`` (inpainting), ``strip_points``, ``precision`` and ``show_progress``.
         ``init_image`` is a file, a folder, a PIL image or a uint8 array (H, W[, C]) or (N, H, W, C);
         ``mask`` is a file, a PIL image or an array (H, W), white (or True) where pixels are generated.

@@ -17,6 +17,11 @@ from inkwash.sampling.img2img import InpaintDenoiser
 from inkwash.sampling.samplers import get_sampler
 
 
+class SamplingInterrupted(Exception):
+    """Raised by an ``on_step`` hook to stop sampling: the interrupted batch returns its latest predicted
+    x0 and no further batch is started (``SampleResult.interrupted``)."""
+
+
 class CountingDenoiser:
     """Wraps a denoiser and counts its calls and the images it evaluated.
 
@@ -40,6 +45,7 @@ class SampleResult:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1]
     nfe: int  # model evaluations per image; two per guided call
     trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    interrupted: bool = False  # an ``on_step`` hook stopped the run; ``images`` holds the batches it reached
 
 
 def _rows(images: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -48,9 +54,18 @@ def _rows(images: torch.Tensor, start: int, count: int) -> torch.Tensor:
     return images[index]
 
 
-def prior_sample(rng: SampleRNG, shape: Sequence[int], sigma_max: float) -> torch.Tensor:
-    """x at sigma_max: DDPM's N(0, I) prior expressed in the x0 + sigma*eps convention."""
-    return rng.randn(shape) * math.sqrt(1.0 + sigma_max**2)
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), per row of (B, ...) tensors, the way
+    the WebUI blends a seed's noise toward a variation seed's; nearly parallel rows are mixed linearly."""
+    flat_a, flat_b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1))  # (B,)
+    omega = torch.arccos(cos.clamp(-1, 1))
+    sin = torch.sin(omega)
+    near = sin.abs() < 1e-4
+    safe = torch.where(near, torch.ones_like(sin), sin)
+    wa = torch.where(near, 1 - t + 0 * omega, torch.sin((1 - t) * omega) / safe)[:, None]
+    wb = torch.where(near, t + 0 * omega, torch.sin(t * omega) / safe)[:, None]
+    return (wa * flat_a + wb * flat_b).to(a.dtype).reshape(a.shape)
 
 
 def generate(
@@ -74,6 +89,9 @@ def generate(
     null_label: int | None = None,
     clip_denoised: bool = False,
     precision: str = "fp32",
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
+    on_step: Callable[[dict], None] | None = None,
 ) -> SampleResult:
     """Sample ``num_images`` images; image i uses seed ``seed + i`` for all of its noise.
 
@@ -92,7 +110,15 @@ def generate(
     ``device`` is where the images are sampled (the network must already be there); ``precision``
     ``bf16`` or ``fp16`` autocasts the network's calls (``denoiser.PlacedDenoiser``), while the
     sampler, guidance and clipping arithmetic stays fp32.
+
+    ``subseed`` with ``subseed_strength`` s in (0, 1] are the WebUI's variation seeds: image i's starting
+    noise is its seed's noise slerped by s toward the noise of seed ``subseed + i`` (the noise the sampler
+    adds later still comes from ``seed + i``). ``on_step(state)`` sees every step of every batch: the
+    sampler's callback dict plus ``start`` (the batch's first image) and ``batch`` (its size); raising
+    ``SamplingInterrupted`` there stops the run (``SampleResult.interrupted``).
     """
+    if not 0.0 <= subseed_strength <= 1.0:
+        raise ValueError(f"subseed strength must be in [0, 1], got {subseed_strength}")
     if mask is not None and init is None:
         raise ValueError("inpainting needs an init image")
     if not guidance_scale >= 0.0:
@@ -114,17 +140,22 @@ def generate(
     trajectory: list[tuple[float, torch.Tensor, torch.Tensor]] = []
     record_set = set(record)
     total_steps = len(sigmas) - 1
+    interrupted = False
     bar = progress(total=num_images * total_steps, desc=f"sampling ({info.id})", unit="step", disable=not show_progress)
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         rng = SampleRNG(sample_seeds(seed, count, start), device=device)
         batch_denoiser = model_denoiser
         cond = None if labels is None else _rows(labels, start, count).to(device)  # (B,)
+        first_noise = rng.randn(image_shape)
+        if subseed is not None and subseed_strength > 0:
+            variation = SampleRNG(sample_seeds(subseed, count, start), device=device).randn(image_shape)
+            first_noise = slerp(subseed_strength, first_noise, variation)
+        first_noise = first_noise.to(device)
         if init is None:
-            x = prior_sample(rng, image_shape, float(sigmas[0])).to(device)
+            x = first_noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)  # DDPM's N(0, I) prior at sigma_max
         else:
             batch_init = _rows(init, start, count).to(device)
-            first_noise = rng.randn(image_shape).to(device)
             x = batch_init + float(sigmas[0]) * first_noise
             if mask is not None:
                 batch_denoiser = InpaintDenoiser(
@@ -132,21 +163,32 @@ def generate(
                 )
         keep = trajectory if start == 0 else None
 
-        def callback(state: dict, count: int = count, keep: list | None = keep) -> None:
+        latest: dict = {}
+
+        def callback(
+            state: dict, count: int = count, keep: list | None = keep, start: int = start, latest: dict = latest
+        ) -> None:
             bar.update(count)
+            latest["denoised"] = state["denoised"]
             if keep is not None and state["i"] in record_set:
                 keep.append((state["sigma"], state["x"].cpu(), state["denoised"].cpu()))
+            if on_step is not None:
+                on_step({**state, "start": start, "batch": count})
 
         rows_before = counter.rows
-        out = info.fn(
-            batch_denoiser,
-            x,
-            sigmas.to(device),
-            noise=lambda rng=rng, x=x: rng.randn_like(x),
-            callback=callback,
-            cond=cond,
-            **options,
-        )
+        try:
+            out = info.fn(
+                batch_denoiser,
+                x,
+                sigmas.to(device),
+                noise=lambda rng=rng, x=x: rng.randn_like(x),
+                callback=callback,
+                cond=cond,
+                **options,
+            )
+        except SamplingInterrupted:
+            interrupted = True
+            out = latest.get("denoised", x)
         if isinstance(batch_denoiser, InpaintDenoiser):
             out = batch_denoiser.finish(out)
         nfe = (counter.rows - rows_before) // count
@@ -154,6 +196,8 @@ def generate(
         if on_batch is not None:
             on_batch(start, out)
         chunks.append(out)
+        if interrupted:
+            break
     bar.close()
     images = torch.cat(chunks) if chunks else torch.empty(0, *image_shape)
-    return SampleResult(images=images, nfe=nfe if chunks else 0, trajectory=trajectory)
+    return SampleResult(images=images, nfe=nfe if chunks else 0, trajectory=trajectory, interrupted=interrupted)

@@ -79,6 +79,12 @@ class SampleOptions:
     num_images: int = option(64, minimum=1)
     batch_size: int = option(64, minimum=1)
     seed: int = option(0, "image i uses seed S+i", minimum=0)
+    subseed: int | None = option(
+        None, "variation seed: image i's starting noise is slerped toward that of seed SUBSEED+i", minimum=0
+    )
+    subseed_strength: float = option(
+        0.0, "how far toward the variation seed's noise: 0 none, 1 all of it", minimum=0, maximum=1
+    )
     use_ema: bool = option(True, "use the raw weights instead of the EMA", flag="--no-ema")
     clip_denoised: bool = option(True, "do not clip the predicted x0 to [-1, 1] at each step", flag="--no-clip")
     class_label: str | None = option(
@@ -86,6 +92,12 @@ class SampleOptions:
         "class-conditional checkpoints: a class name from the checkpoint (e.g. 3 for digits), an index, "
         "or 'all' (image i gets class i mod the number of classes) (default: unconditional)",
         flag="--class",
+        metavar="CLASS",
+    )
+    negative_class: str | None = option(
+        None,
+        "class-conditional checkpoints: guidance steers away from this class (it replaces the null label "
+        "in classifier-free guidance); needs --guidance-scale other than 1",
         metavar="CLASS",
     )
     guidance_scale: float = option(

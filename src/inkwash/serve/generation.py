@@ -1,0 +1,319 @@
+"""txt2img and img2img requests: checked in full before they are queued (``plan_request``), then run on
+the worker thread (``run_plan``) through ``inkwash.pipeline.Pipeline``, the same path as ``inkwash sample``,
+so the same seed gives the same pixels here, there and at any batch size."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from inkwash.data.loading import prepare_image, to_uint8
+from inkwash.errors import InkwashError
+from inkwash.files import atomic_write_bytes
+from inkwash.pipeline import resolve_class
+from inkwash.sampling.options import DEFAULT_STEPS, SampleOptions
+from inkwash.sampling.samplers import SamplerInfo
+from inkwash.serve.config import ServeOptions
+from inkwash.serve.models import ModelEntry, ModelStore
+from inkwash.serve.requests import GenerationRequest, Img2ImgRequest, ignored_fields
+from inkwash.serve.webui import (
+    VERSION,
+    FieldError,
+    ScheduleType,
+    blur_mask,
+    composite,
+    decode_image,
+    encode_png,
+    fill_masked,
+    format_infotext,
+    resolve_sampler,
+    resolve_schedule,
+)
+from inkwash.serve.worker import Progress
+
+# The WebUI's resize modes that inkwash has: 0 "Just resize" and 1 "Crop and resize".
+RESIZE_MODES = {0: "resize", 1: "crop"}
+# Sampler settings that apply only to the samplers whose function takes them; the others ignore them.
+SAMPLER_SETTINGS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+@dataclass
+class Plan:
+    """A checked request: everything the worker needs, nothing left to fail on the client's input."""
+
+    kind: str  # txt2img or img2img
+    model: str
+    entry: ModelEntry
+    options: SampleOptions
+    sampler: SamplerInfo
+    schedule: ScheduleType
+    settings: dict  # sampler settings that this sampler takes
+    seed: int
+    subseed: int
+    request: GenerationRequest
+    ignored: list[str]
+    init: np.ndarray | None = None  # (H, W, C) uint8 at the model's size, after inpainting_fill
+    original: np.ndarray | None = None  # the init image before the fill, for the final composite
+    mask: np.ndarray | None = None  # (H, W) bool, True = generated
+    alpha: np.ndarray | None = None  # (H, W) the blurred mask
+    extra_info: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return self.request.batch_size * self.request.n_iter
+
+
+def _model_name(request: GenerationRequest, store: ModelStore) -> str:
+    name = (request.override_settings or {}).get("sd_model_checkpoint")
+    if name is None:
+        return store.current
+    if not isinstance(name, str) or name not in store.entries:
+        raise FieldError(
+            "override_settings.sd_model_checkpoint", f"unknown model {name!r}; choose from {', '.join(store.names)}"
+        )
+    return name
+
+
+def _check_class(value: str, field_name: str, entry: ModelEntry) -> str | None:
+    value = value.strip()
+    if not value:
+        return None
+    if not entry.classes:
+        raise FieldError(field_name, f"model {entry.name!r} is unconditional: send an empty {field_name}")
+    try:
+        resolve_class(value, entry.classes)
+    except InkwashError:
+        raise FieldError(field_name, f"unknown class {value!r}; choose from {', '.join(entry.classes)}") from None
+    return value
+
+
+def _check_limits(request: GenerationRequest, entry: ModelEntry, limits: ServeOptions) -> None:
+    _channels, height, width = entry.shape
+    num_steps = int(entry.config.get("schedule", {}).get("num_steps", 1000))
+    most = min(limits.max_steps, num_steps)
+    if request.steps > most:
+        raise FieldError("steps", f"must be at most {most}, got {request.steps}")
+    if request.batch_size > limits.max_batch_size:
+        raise FieldError("batch_size", f"must be at most {limits.max_batch_size}, got {request.batch_size}")
+    if request.batch_size * request.n_iter > limits.max_images:
+        raise FieldError(
+            "n_iter",
+            f"batch_size x n_iter must be at most {limits.max_images}, got {request.batch_size * request.n_iter}",
+        )
+    for name, value, size in (("width", request.width, width), ("height", request.height, height)):
+        if value is not None and value != size:
+            raise FieldError(name, f"model {entry.name!r} makes {width}x{height} images, got {name} {value}")
+
+
+def _settings(request: GenerationRequest, sampler: SamplerInfo) -> dict:
+    """eta, s_churn, s_tmin, s_tmax (0: unbounded) and s_noise, for the samplers that take them."""
+    accepted = inspect.signature(sampler.fn).parameters
+    settings = {}
+    for name in SAMPLER_SETTINGS:
+        value = getattr(request, name)
+        if value is None or name not in accepted:
+            continue
+        settings[name] = math.inf if name == "s_tmax" and value == 0 else float(value)
+    return settings
+
+
+def _read_init(request: Img2ImgRequest, entry: ModelEntry, seed: int, plan: dict) -> None:
+    channels, size = entry.shape[0], entry.shape[1]
+    if request.resize_mode not in RESIZE_MODES:
+        raise FieldError("resize_mode", f"{request.resize_mode} has no counterpart in inkwash; use 0 or 1")
+    if len(request.init_images) > 1:
+        raise FieldError("init_images", "one init image per request")
+    resize = RESIZE_MODES[request.resize_mode]
+    image = decode_image(request.init_images[0], "init_images")
+    init = prepare_image(image, channels, size, resize)
+    mask = None
+    if request.mask is not None:
+        mask_image = decode_image(request.mask, "mask").convert("L")
+        if mask_image.size != image.size:
+            mask_image = mask_image.resize(image.size, Image.BILINEAR)
+        mask = prepare_image(mask_image, 1, size, resize)[..., 0] > 127
+        if request.inpainting_mask_invert:
+            mask = ~mask
+        if request.mask_blur is not None:
+            blur_x = blur_y = request.mask_blur
+        else:
+            blur_x, blur_y = request.mask_blur_x, request.mask_blur_y
+        alpha = blur_mask(mask, blur_x, blur_y)
+        generated = alpha >= 0.5  # the WebUI rounds the blurred mask for the sampler
+        plan.update(
+            original=init,
+            init=fill_masked(init, generated, request.inpainting_fill, seed),
+            mask=generated,
+            alpha=alpha,
+            extra_info={"Mask blur": blur_x if blur_x == blur_y else f"{blur_x}x{blur_y}"},
+        )
+    else:
+        plan.update(init=init)
+
+
+def plan_request(kind: str, request: GenerationRequest, store: ModelStore, limits: ServeOptions) -> Plan:
+    """Check every field against the server's limits and the model, decode the images; a ``FieldError``
+    names the first bad field. Nothing here loads weights or samples."""
+    model = _model_name(request, store)
+    entry = store.entry(model)
+    _check_limits(request, entry, limits)
+    name = request.sampler_name if request.sampler_name is not None else request.sampler_index
+    sampler, legacy_schedule = resolve_sampler(
+        name, "sampler_name" if request.sampler_name is not None else "sampler_index"
+    )
+    schedule = resolve_schedule(request.scheduler)
+    if schedule.schedule is None and legacy_schedule is not None:
+        schedule = legacy_schedule
+    prompt = _check_class(request.prompt, "prompt", entry)
+    negative = _check_class(request.negative_prompt, "negative_prompt", entry)
+    seed = random.randrange(2**32) if request.seed == -1 else request.seed
+    variation = request.subseed_strength > 0
+    subseed = random.randrange(2**32) if request.subseed == -1 else request.subseed
+    guided = prompt is not None or negative is not None
+    options = SampleOptions(
+        checkpoint=str(entry.checkpoint),
+        out="",
+        sampler=sampler.id,
+        steps=request.steps,
+        schedule=schedule.schedule,
+        num_images=request.batch_size * request.n_iter,
+        batch_size=request.batch_size,
+        seed=seed,
+        subseed=subseed if variation else None,
+        subseed_strength=request.subseed_strength if variation else 0.0,
+        class_label=prompt,
+        negative_class=negative,
+        guidance_scale=float(request.cfg_scale) if guided else 1.0,
+        strength=request.denoising_strength if isinstance(request, Img2ImgRequest) else 0.75,
+        strip_points=1,
+        show_progress=False,
+        precision=limits.precision,
+        device=limits.device,
+    )
+    try:
+        options.validate()
+    except InkwashError as exc:
+        raise FieldError("request", str(exc)) from None
+    extra: dict = {}
+    if kind == "img2img":
+        assert isinstance(request, Img2ImgRequest)
+        _read_init(request, entry, seed, extra)
+    return Plan(
+        kind,
+        model,
+        entry,
+        options,
+        sampler,
+        schedule,
+        _settings(request, sampler),
+        seed,
+        subseed,
+        request,
+        ignored_fields(request) + (["inpaint_full_res"] if getattr(request, "inpaint_full_res", False) else []),
+        **extra,
+    )
+
+
+def _infotext(plan: Plan, index: int, sha256: str) -> str:
+    request = plan.request
+    height, width = plan.entry.shape[1:]
+    params: dict = {
+        "Steps": request.steps,
+        "Sampler": plan.sampler.display_name,
+        "Schedule type": plan.schedule.label,
+        "CFG scale": float(request.cfg_scale),
+        "Seed": plan.seed + index,
+        "Size": f"{width}x{height}",
+        "Model hash": sha256[:10],
+        "Model": plan.model,
+    }
+    if plan.kind == "img2img":
+        params["Denoising strength"] = plan.options.strength
+        params.update(plan.extra_info)
+    if plan.options.subseed is not None:
+        params["Variation seed"] = plan.subseed + index
+        params["Variation seed strength"] = plan.options.subseed_strength
+    for name, label in (("eta", "Eta"), ("s_churn", "Sigma churn"), ("s_noise", "Sigma noise")):
+        if name in plan.settings:
+            params[label] = plan.settings[name]
+    params["Version"] = VERSION
+    return format_infotext(request.prompt.strip(), request.negative_prompt.strip(), params)
+
+
+def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | None = None) -> dict:
+    """Sample a checked request on the worker thread; the WebUI's response body."""
+    pipe = store.pipeline(plan.model)
+    job = pipe.prepare(plan.options, init_image=plan.init, mask=plan.mask)
+    job.sampler_options.update(plan.settings)
+    batches = math.ceil(job.num_images / plan.options.batch_size)
+    progress.plan(batches * job.steps_run, batches)
+    result = pipe.run(job, on_step=lambda state: progress.on_step(state, job.steps_run, plan.options.batch_size))
+    images = to_uint8(result.images)  # (N, H, W, C)
+    if plan.alpha is not None and plan.original is not None:
+        images = composite(images, plan.original[None], plan.alpha)
+    sha256 = store.sha256(plan.model)
+    infotexts = [_infotext(plan, i, sha256) for i in range(len(images))]
+    encoded = [encode_png(pixels, text) for pixels, text in zip(images, infotexts, strict=True)]
+    request = plan.request
+    if request.save_images and save_dir is not None:
+        folder = Path(save_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, data in enumerate(encoded):
+            atomic_write_bytes(folder / f"{plan.kind}-{plan.seed + i:010d}.png", base64.b64decode(data))
+    height, width = plan.entry.shape[1:]
+    info = {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * len(images),
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * len(images),
+        "seed": plan.seed,
+        "all_seeds": [plan.seed + i for i in range(len(images))],
+        "subseed": plan.subseed,
+        "all_subseeds": [plan.subseed + i for i in range(len(images))],
+        "subseed_strength": plan.options.subseed_strength,
+        "width": width,
+        "height": height,
+        "sampler_name": plan.sampler.display_name,
+        "scheduler": plan.schedule.label,
+        "step_schedule": job.schedule,
+        "cfg_scale": float(request.cfg_scale),
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "n_iter": request.n_iter,
+        "denoising_strength": plan.options.strength if plan.kind == "img2img" else None,
+        "sd_model_name": plan.model,
+        "sd_model_hash": sha256[:10],
+        "sampler_settings": plan.settings,
+        "nfe": result.nfe,
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "ignored_fields": plan.ignored,
+        "saved": bool(request.save_images and save_dir is not None),
+        "interrupted": result.interrupted,
+        "job_timestamp": progress.timestamp,
+        "version": VERSION,
+    }
+    return {
+        "images": encoded if request.send_images else [],
+        "parameters": request.model_dump(exclude={"init_images", "mask"}),
+        "info": json.dumps(info),
+    }
+
+
+def preview_png(preview) -> str | None:
+    """Base64 PNG of the running batch's predicted x0, its images side by side."""
+    if preview is None:
+        return None
+    pixels = to_uint8(preview.float().clamp(-1, 1).cpu())  # (B, H, W, C)
+    return encode_png(np.concatenate(list(pixels), axis=1))
+
+
+__all__ = ["DEFAULT_STEPS", "Plan", "plan_request", "preview_png", "run_plan"]
