@@ -15,16 +15,22 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,serve]"
 	touch $@
 
 install: $(VENV)/.installed
 
+# The browser tests drive Debian's chromium through playwright-python (never 'playwright install').
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
 demo: install
 	$(BIN)/inkwash demo --out $(DEMO_OUT) --minutes $(DEMO_MINUTES)
+	@echo "see the results in a browser: $(BIN)/inkwash serve --checkpoint $(DEMO_OUT)/run"
 
-test: install
-	$(BIN)/python -m pytest
+test: install $(CHROMIUM)
+	INKWASH_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

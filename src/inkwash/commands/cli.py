@@ -22,6 +22,7 @@ from inkwash.evaluation.report import EvalOptions
 from inkwash.options import add_arguments, given_options, missing_options, option, read_config_file, specs
 from inkwash.progress import close_bars
 from inkwash.sampling.options import SampleOptions, schedule_option
+from inkwash.serve.config import ServeOptions
 from inkwash.training.config import TrainConfig
 
 # Errors that mean the disk or the folder refuses the write, not that a path is wrong.
@@ -206,6 +207,12 @@ def cmd_demo(options: DemoOptions) -> None:
     run_demo(**asdict(options))
 
 
+def cmd_serve(options: ServeOptions) -> None:
+    from inkwash.commands.serve import run_server
+
+    run_server(options)
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -283,6 +290,18 @@ COMMANDS = {
         ),
         cmd_eval,
         EvalOptions,
+    ),
+    "serve": Command(
+        "a web page and the Stable Diffusion WebUI's HTTP API for trained models",
+        "Serve a page to sample from models in a browser (live preview, img2img and inpainting, PNG info) and "
+        "the WebUI's /sdapi/v1 API (txt2img, img2img, progress, interrupt, png-info, ...) for the scripts and "
+        "plug-ins written against it. Binds 127.0.0.1 unless --listen or --host says otherwise.",
+        (
+            "inkwash serve --checkpoint demo_out/run",
+            "inkwash serve --models runs --port 7861 --api-auth alice:secret",
+        ),
+        cmd_serve,
+        ServeOptions,
     ),
     "demo": Command(
         "train on digits, sample, and write every picture",
