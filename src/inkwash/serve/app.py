@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inkwash.errors import InkwashError
 from inkwash.serve.config import ServeOptions
@@ -155,8 +156,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_unavailable(_: Request, exc: ModelUnavailable) -> JSONResponse:
         return error_response(503, str(exc))
 
-    @app.exception_handler(HTTPException)
-    async def on_http(_: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's 404 / 405
+    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -229,7 +230,7 @@ def create_app(options: ServeOptions) -> FastAPI:
             checkpoint = store.entry(name).checkpoint
             items.append(
                 {
-                    "title": f"{name} [{sha256[:10]}]",
+                    "title": store.title(name),
                     "model_name": name,
                     "hash": sha256[:10],
                     "sha256": sha256,
@@ -248,8 +249,7 @@ def create_app(options: ServeOptions) -> FastAPI:
         """Only ``sd_model_checkpoint`` (a name from ``sd-models``, its title too) has an effect."""
         name = body.get("sd_model_checkpoint")
         if name is not None:
-            title_names = {f"{n} [{store.sha256(n)[:10]}]": n for n in store.names}
-            name = title_names.get(name, name)
+            name = await run_in_threadpool(store.by_title, name)
             if not isinstance(name, str) or name not in store.entries:
                 raise FieldError("sd_model_checkpoint", f"unknown model {name!r}; choose from {', '.join(store.names)}")
             await asyncio.wrap_future(worker.submit(lambda progress: load(name, progress), "load model"))
@@ -327,8 +327,11 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise InkwashError(f"cannot resolve --host {host}: {exc.strerror}") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, protocol, _, address = infos[0]
+    # The protocol must be TCP's own number: asyncio turns TCP_NODELAY on only for connections accepted
+    # from such a socket, and without it Nagle's algorithm holds each reply on a kept-alive connection
+    # for the client's delayed ACK (about 40 ms).
+    sock = socket.socket(family, kind, protocol or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)

@@ -75,7 +75,8 @@ def _model_name(request: GenerationRequest, store: ModelStore) -> str:
     name = (request.override_settings or {}).get("sd_model_checkpoint")
     if name is None:
         return store.current
-    if not isinstance(name, str) or name not in store.entries:
+    name = store.by_title(name)
+    if name not in store.entries:
         raise FieldError(
             "override_settings.sd_model_checkpoint", f"unknown model {name!r}; choose from {', '.join(store.names)}"
         )

@@ -91,6 +91,18 @@ class ModelStore:
             raise KeyError(f"unknown model {name!r}; choose from {', '.join(self.entries)}")
         return self.entries[name]
 
+    def title(self, name: str) -> str:
+        """The WebUI's title of a model: its name and short hash."""
+        return f"{name} [{self.sha256(name)[:10]}]"
+
+    def by_title(self, value: object) -> object:
+        """A model's name from its name or its title (what clients copy from sd-models); anything else as is."""
+        if isinstance(value, str) and value not in self.entries:
+            for name in self.entries:
+                if value == self.title(name):
+                    return name
+        return value
+
     def pipeline(self, name: str) -> Pipeline:
         """The loaded pipeline of a model, loading it the first time (called by the worker thread)."""
         with self._lock:
