@@ -1,6 +1,7 @@
 """txt2img and img2img requests: checked in full before they are queued (``plan_request``), then run on
 the worker thread (``run_plan``) through ``inkwash.pipeline.Pipeline``, the same path as ``inkwash sample``,
-so the same seed gives the same pixels here, there and at any batch size."""
+so the same seed gives the same image here, there and at any batch size (the same noise; pixels
+equal to within one level in 255, since convolutions round differently at different batch sizes)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from inkwash.serve.webui import (
     encode_png,
     fill_masked,
     format_infotext,
+    mask_channel,
     resolve_sampler,
     resolve_schedule,
 )
@@ -137,7 +139,7 @@ def _read_init(request: Img2ImgRequest, entry: ModelEntry, seed: int, plan: dict
     init = prepare_image(image, channels, size, resize)
     mask = None
     if request.mask is not None:
-        mask_image = decode_image(request.mask, "mask").convert("L")
+        mask_image = mask_channel(decode_image(request.mask, "mask"))
         if mask_image.size != image.size:
             mask_image = mask_image.resize(image.size, Image.BILINEAR)
         mask = prepare_image(mask_image, 1, size, resize)[..., 0] > 127
@@ -166,10 +168,9 @@ def plan_request(kind: str, request: GenerationRequest, store: ModelStore, limit
     model = _model_name(request, store)
     entry = store.entry(model)
     _check_limits(request, entry, limits)
-    name = request.sampler_name if request.sampler_name is not None else request.sampler_index
-    sampler, legacy_schedule = resolve_sampler(
-        name, "sampler_name" if request.sampler_name is not None else "sampler_index"
-    )
+    named = bool(request.sampler_name)  # the WebUI's "sampler_name or sampler_index"
+    name = request.sampler_name if named else request.sampler_index
+    sampler, legacy_schedule = resolve_sampler(name, "sampler_name" if named else "sampler_index")
     schedule = resolve_schedule(request.scheduler)
     if schedule.schedule is None and legacy_schedule is not None:
         schedule = legacy_schedule
@@ -218,7 +219,7 @@ def plan_request(kind: str, request: GenerationRequest, store: ModelStore, limit
         seed,
         subseed,
         request,
-        ignored_fields(request) + (["inpaint_full_res"] if getattr(request, "inpaint_full_res", False) else []),
+        ignored_fields(request),
         **extra,
     )
 
@@ -249,6 +250,16 @@ def _infotext(plan: Plan, index: int, sha256: str) -> str:
     return format_infotext(request.prompt.strip(), request.negative_prompt.strip(), params)
 
 
+def save_pngs(folder: Path, encoded: list[str], seeds: list[int]) -> None:
+    """Write each PNG as NNNNN-SEED.png, numbered on from the folder's highest number, as the WebUI
+    does, so that nothing already there is overwritten (only the worker thread writes here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name.split("-", 1)[0]) for p in folder.glob("*-*.png") if p.name.split("-", 1)[0].isdigit()]
+    start = max(numbers, default=-1) + 1
+    for offset, (data, seed) in enumerate(zip(encoded, seeds, strict=True)):
+        atomic_write_bytes(folder / f"{start + offset:05d}-{seed}.png", base64.b64decode(data))
+
+
 def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | None = None) -> dict:
     """Sample a checked request on the worker thread; the WebUI's response body."""
     pipe = store.pipeline(plan.model)
@@ -265,10 +276,7 @@ def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | 
     encoded = [encode_png(pixels, text) for pixels, text in zip(images, infotexts, strict=True)]
     request = plan.request
     if request.save_images and save_dir is not None:
-        folder = Path(save_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, data in enumerate(encoded):
-            atomic_write_bytes(folder / f"{plan.kind}-{plan.seed + i:010d}.png", base64.b64decode(data))
+        save_pngs(Path(save_dir), encoded, [plan.seed + i for i in range(len(encoded))])
     height, width = plan.entry.shape[1:]
     info = {
         "prompt": request.prompt,
@@ -292,7 +300,7 @@ def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | 
         "denoising_strength": plan.options.strength if plan.kind == "img2img" else None,
         "sd_model_name": plan.model,
         "sd_model_hash": sha256[:10],
-        "sampler_settings": plan.settings,
+        "sampler_settings": {k: 0.0 if math.isinf(v) else v for k, v in plan.settings.items()},  # s_tmax 0: unbounded
         "nfe": result.nfe,
         "index_of_first_image": 0,
         "infotexts": infotexts,
@@ -305,7 +313,7 @@ def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | 
     return {
         "images": encoded if request.send_images else [],
         "parameters": request.model_dump(exclude={"init_images", "mask"}),
-        "info": json.dumps(info),
+        "info": json.dumps(info, allow_nan=False),
     }
 
 

@@ -44,6 +44,8 @@ def sampler_aliases(info: SamplerInfo) -> list[str]:
     aliases = [info.id]
     if info.id not in ("ddpm", "ddim", "plms", "unipc"):
         aliases.append(k_name.get(info.id, f"k_{info.id}"))
+    if info.id == "euler_ancestral":
+        aliases.append("k_euler_ancestral")
     return aliases
 
 
@@ -202,8 +204,9 @@ def decode_image(data: str, field: str) -> Image.Image:
         _, sep, data = data.partition(",")
         if not sep:
             raise FieldError(field, "a data URL without a comma")
+    compact = "".join(data.split())  # base64 wrapped at 76 columns (MIME, the base64 tool) is common
     try:
-        raw = base64.b64decode(data.strip(), validate=True)
+        raw = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         raise FieldError(field, "not valid base64") from None
     try:
@@ -213,8 +216,10 @@ def decode_image(data: str, field: str) -> Image.Image:
         image.load()
     except FieldError:
         raise
+    except Image.UnidentifiedImageError:
+        raise FieldError(field, f"not an image ({len(raw)} bytes of an unknown format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "unknown format"
+        reason = re.sub(r"<[^>]*>", "the image", str(exc).splitlines()[0]) if str(exc) else "unknown error"
         raise FieldError(field, f"not a readable image ({reason})") from None
     return image
 
@@ -229,6 +234,16 @@ def encode_png(pixels: np.ndarray, infotext: str | None = None) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def mask_channel(image: Image.Image) -> Image.Image:
+    """The mask's values as one channel: its alpha when it has transparency that is used (strokes drawn
+    on a transparent layer, as the WebUI reads them), else its luminance."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha
+    return image.convert("L")
 
 
 def png_text(image: Image.Image) -> dict[str, str]:
@@ -249,14 +264,15 @@ def _kernel(sigma: float) -> np.ndarray:
 
 
 def gaussian_blur(image: np.ndarray, sigma_x: float, sigma_y: float) -> np.ndarray:
-    """A separable Gaussian blur of a 2-D array, along x (columns) and y (rows), edges replicated."""
+    """A separable Gaussian blur of a 2-D array, along x (columns) and y (rows), with OpenCV's default
+    border (reflected without repeating the edge pixel, ``BORDER_REFLECT_101``), as the WebUI's."""
     out = image.astype(np.float64)
     for axis, sigma in ((1, sigma_x), (0, sigma_y)):
         if sigma <= 0:
             continue
         kernel = _kernel(sigma)
         radius = len(kernel) // 2
-        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="reflect")
         out = np.lib.stride_tricks.sliding_window_view(padded, len(kernel), axis=axis) @ kernel
     return out
 

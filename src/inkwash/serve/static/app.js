@@ -217,7 +217,8 @@
   function describeModel(model) {
     const colour = model.channels === 1 ? "grayscale" : model.channels === 3 ? "RGB" : `${model.channels} channels`;
     const classes = model.classes.length ? `${model.classes.length} classes` : "unconditional";
-    return `${model.name} · ${model.width}×${model.height} ${colour} · ${classes}`;
+    const size = `${model.width}×${model.height} ${colour} · ${classes}`;
+    return state.models.length > 1 ? size : `${model.name} · ${size}`; // the menu shows the name already
   }
 
   async function loadModel(name) {
