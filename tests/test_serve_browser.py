@@ -4,7 +4,8 @@ the live preview during a run, seeds that reproduce pixels, inpainting that keep
 PNG info sent back to the controls, Interrupt, errors shown on the page, and no console errors anywhere.
 
 Skipped when chromium or playwright is missing, unless INKWASH_REQUIRE_BROWSER=1 (``make test``).
-INKWASH_SCREENSHOT=1 also writes docs/webui.png.
+INKWASH_SCREENSHOT=1 also writes docs/webui.png (with INKWASH_SCREENSHOT_CHECKPOINT=RUN, from that trained
+run instead of a random model).
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def server_url(tmp_path_factory):
     from inkwash.serve.config import ServeOptions
 
     root = tmp_path_factory.mktemp("browser")
-    checkpoint = save_random_run(root / "digits", class_names=CLASSES)
+    # INKWASH_SCREENSHOT_CHECKPOINT: a trained class-conditional digits run for docs/webui.png (the tests
+    # pass with it as well); by default a random tiny model.
+    trained = os.environ.get("INKWASH_SCREENSHOT_CHECKPOINT")
+    checkpoint = Path(trained) if trained else save_random_run(root / "digits", class_names=CLASSES)
     save_random_run(root / "more" / "plain")  # a second, unconditional model, for the model menu
     options = ServeOptions(checkpoint=str(checkpoint), models=str(root / "more"))
     # The server samples in this process while chromium draws the page on the same cores. On a 2-core

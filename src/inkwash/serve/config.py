@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 
 from inkwash.errors import InkwashError
@@ -32,6 +33,12 @@ class ServeOptions:
     save_dir: str | None = option(
         None, "write the PNGs of requests with save_images: true into this folder (otherwise it is ignored)"
     )
+    threads: int | None = option(
+        None,
+        "torch CPU threads for the model (default: the cores less one, so that the server and a browser on the "
+        "same machine keep a core)",
+        minimum=1,
+    )
     device: str = device_option()
     precision: str = precision_option()
 
@@ -40,6 +47,9 @@ class ServeOptions:
         if self.checkpoint is None and self.models is None:
             raise InkwashError("give --checkpoint RUN, --models DIR or both")
         self.credentials()
+
+    def cpu_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 2) - 1)
 
     @property
     def bind_host(self) -> str:
