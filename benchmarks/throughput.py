@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from inkwash.core.denoiser import ModelDenoiser
-from inkwash.core.precision import precision_context
+from inkwash.core.precision import native_bf16_cpu, precision_context, resolve_precision
 from inkwash.core.schedule import NoiseSchedule
 from inkwash.core.sigmas import build_sigmas
 from inkwash.core.unet import PRESETS, UNet, count_parameters, preset
@@ -183,12 +183,83 @@ def timed(fn: Callable[[], None], repeats: int, device: torch.device = CPU) -> f
     return (time.perf_counter() - start) / repeats
 
 
+def machine_label(device: torch.device) -> str:
+    """The CPU model and its bf16 instructions (or the GPU's name): figures differ between machines."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{model}; native bf16 (AVX-512 BF16 or AMX): {'yes' if native_bf16_cpu() else 'no'}"
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Peak memory of one call, in MiB above what was held before it: ``max_memory_allocated`` on a GPU;
+    on Linux the resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:
+            clear.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
 def precision_variants(compile_too: bool) -> list[tuple[str, str, bool]]:
     """(name, precision, compiled) for each inkwash variant; the first is the fp32 baseline."""
     variants = [("fp32", "fp32", False), ("bf16", "bf16", False)]
     if compile_too:
         variants += [("fp32 compiled", "fp32", True), ("bf16 compiled", "bf16", True)]
     return variants
+
+
+def measure_memory(args, config, ours, schedule, shape, default, device, sizes) -> dict:
+    """Peak memory (MiB above the baseline) of one training step and one sampling run at each batch size,
+    for inkwash at its default precision and for diffusers in fp32; each on a fresh copy of the network."""
+    theirs = None if args.precision_only else diffusers_twin(config, resnet_time_scale_shift="scale_shift")
+    unit = "max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+    print(f"peak memory, MiB above the baseline ({unit}); one training step / one {args.sample_steps}-step DDIM run")
+    table: dict = {}
+    for size in sizes:
+        row = {}
+        model = copy.deepcopy(ours).to(device)
+        step = inkwash_train_step(model, make_optimizer(model, lr=1e-4), size, shape, schedule, default, device)
+        row["inkwash_train"] = peak_memory_mib(step, device)
+        model = copy.deepcopy(ours).to(device)
+        run = inkwash_sampler(model, schedule, size, shape, args.sample_steps, default, device)
+        row["inkwash_sample"] = peak_memory_mib(run, device)
+        if theirs is not None:
+            model = copy.deepcopy(theirs).to(device)
+            step = diffusers_train_step(model, make_optimizer(model, lr=1e-4), size, shape, device)
+            row["diffusers_train"] = peak_memory_mib(step, device)
+            model = copy.deepcopy(theirs).to(device)
+            row["diffusers_sample"] = peak_memory_mib(
+                diffusers_sampler(model, size, shape, args.sample_steps, device), device
+            )
+        table[str(size)] = row
+        shown = ", ".join(f"{key} {value:.0f}" for key, value in row.items() if value is not None)
+        print(f"  batch {size}: {shown}")
+    return table
 
 
 def parse_args() -> argparse.Namespace:
@@ -202,6 +273,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--compile", action="store_true", help="also time the network under torch.compile")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument(
+        "--memory-batch-sizes",
+        default="64,256",
+        help="batch sizes at which to report peak memory of one training step and one sampling run ('' skips)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if min(args.batch_size, args.train_steps, args.sample_steps, args.rounds) < 1:
@@ -319,6 +395,22 @@ def main() -> None:
             f"{entry['sample_images_per_sec']:9.1f} {entry['sample_vs_fp32']:8.2f}"
         )
     print(f"(sample: {args.sample_steps}-step DDIM; train: {args.train_steps} steps per round)")
+
+    # inkwash as a user gets it on this machine: --precision auto (bf16 where the CPU has bf16 instructions).
+    default = resolve_precision("auto", device)
+    result["machine"] = machine_label(device)
+    result["default_precision"] = default
+    print(f"\nmachine: {result['machine']}; inkwash's default precision here: {default}")
+    if n_theirs is not None:
+        result["defaults_vs_diffusers"] = {}
+        for name in [default] + ([f"{default} compiled"] if args.compile else []):
+            ratios = {kind: rate[kind, name] / rate[kind, "diffusers"] for kind in ("train", "sample")}
+            result["defaults_vs_diffusers"][name] = ratios
+            print(f"inkwash {name} / diffusers fp32: train {ratios['train']:.2f}x, sample {ratios['sample']:.2f}x")
+
+    memory_sizes = [int(size) for size in args.memory_batch_sizes.split(",") if size.strip()]
+    if memory_sizes:
+        result["peak_memory_mib"] = measure_memory(args, config, ours, schedule, shape, default, device, memory_sizes)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)

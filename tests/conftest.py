@@ -10,6 +10,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+# "auto" precision picks bf16 on CPUs with bf16 instructions and fp32 elsewhere; the suite's numerical
+# checks are written for fp32, so that they hold on every machine. tests/test_precision.py checks auto itself.
+os.environ.setdefault("INKWASH_PRECISION", "fp32")
+
 from inkwash.core.denoiser import ModelDenoiser
 from inkwash.core.schedule import NoiseSchedule
 from inkwash.core.unet import UNet, preset

@@ -1,7 +1,53 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from inkwash.core.precision import PRECISIONS, deterministic_mode, precision_context, precision_warning
+from inkwash.core import precision as precision_module
+from inkwash.core.precision import (
+    PRECISIONS,
+    deterministic_mode,
+    native_bf16_cpu,
+    precision_context,
+    precision_warning,
+    resolve_precision,
+)
+
+
+def test_auto_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch):
+    monkeypatch.delenv("INKWASH_PRECISION", raising=False)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision_module, "native_bf16_cpu", lambda native=native: native)
+        assert resolve_precision("auto", "cpu") == expected
+        assert resolve_precision("auto", torch.device("cuda")) == "fp32"  # launch-bound there: measured slower
+        for name in PRECISIONS:  # a named precision is kept whatever the machine
+            assert resolve_precision(name, "cpu") == name
+        with precision_context("auto", "cpu"):
+            assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == PRECISIONS[expected]
+
+
+def test_auto_follows_the_machine_and_the_environment(monkeypatch):
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    if flags:  # torch's own detection agrees with the kernel's flags
+        assert native_bf16_cpu() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    monkeypatch.setenv("INKWASH_PRECISION", "fp16")
+    assert resolve_precision("auto", "cpu") == "fp16"
+    monkeypatch.setenv("INKWASH_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="INKWASH_PRECISION must be one of"):
+        resolve_precision("auto", "cpu")
+
+
+def test_training_records_what_auto_picked(monkeypatch, tmp_path):
+    import json
+
+    import inkwash
+
+    monkeypatch.setenv("INKWASH_PRECISION", "bf16")
+    result = inkwash.train(data="digits", out=str(tmp_path / "run"), preset="tiny", steps=2, batch_size=8,
+                           image_size=16, show_progress=False)  # fmt: skip
+    config = json.loads((result.checkpoint / "config.json").read_text())
+    assert config["train"]["precision"] == "bf16"
 
 
 def test_fp32_is_no_autocast_and_the_others_autocast_to_their_dtype():
@@ -16,7 +62,7 @@ def test_fp32_is_no_autocast_and_the_others_autocast_to_their_dtype():
 
 
 def test_unknown_precision_is_an_error():
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16"):
         precision_context("fp8", "cpu")
 
 

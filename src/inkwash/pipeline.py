@@ -209,6 +209,14 @@ class Pipeline:
         self.image_shape = tuple(config["data"]["shape"])
         self.checkpoint = checkpoint
         self.use_ema = use_ema
+        self._compiled: ModelDenoiser | None = None
+
+    def compiled_denoiser(self) -> ModelDenoiser:
+        """The denoiser with its network under ``torch.compile`` (compiled on first use, then kept)."""
+        if self._compiled is None:
+            network = torch.compile(self.model)
+            self._compiled = ModelDenoiser(network, self.schedule, self.config.get("prediction", "eps"))
+        return self._compiled
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:
@@ -274,7 +282,7 @@ class Pipeline:
         points = options.strip_points
         record = sorted({round(i * (job.steps_run - 1) / max(1, points - 1)) for i in range(points)})
         return generate(
-            self.denoiser,
+            self.compiled_denoiser() if options.compile else self.denoiser,
             self.image_shape,
             job.sigmas,
             sampler=job.sampler.id,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inkwash.core.precision import resolve_precision
 from inkwash.data.loading import to_uint8
 from inkwash.errors import InkwashError
 from inkwash.files import atomic_write_bytes, atomic_write_text
@@ -71,7 +72,7 @@ def sample_run(options: SampleOptions) -> dict:
         "labels": None if labels is None else [int(label) for label in labels.expand(num_images)],
         "checkpoint_step": pipe.config.get("step"),
         "device": str(pipe.device),
-        "precision": options.precision,
+        "precision": resolve_precision(options.precision, pipe.device),
         "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
     }
     atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")

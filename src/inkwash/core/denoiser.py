@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from inkwash.core.precision import PRECISIONS, precision_context
+from inkwash.core.precision import precision_context, resolve_precision
 from inkwash.core.schedule import NoiseSchedule
 
 
@@ -90,11 +90,9 @@ class PlacedDenoiser:
     """
 
     def __init__(self, denoiser: Denoiser, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.denoiser = denoiser
         self.device = torch.device(device)
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         here = x.to(self.device)

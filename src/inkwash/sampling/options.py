@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from inkwash.core.precision import PRECISIONS, precision_warning
+from inkwash.core.precision import PRECISION_CHOICES, precision_warning, resolve_precision
 from inkwash.core.sigmas import STEP_SCHEDULES
 from inkwash.errors import InkwashError
 from inkwash.options import check_options, option
@@ -43,9 +43,10 @@ def device_option(help: str = "where the network runs; auto is the GPU when ther
 
 
 def precision_option(
-    help: str = "bf16 or fp16 autocast of the network (fast on GPUs and AMX CPUs); the sampler's arithmetic stays fp32",
+    help: str = "bf16 or fp16 autocast of the network; the sampler's arithmetic stays fp32. auto: bf16 on a CPU "
+    "with bf16 instructions (AVX-512 BF16 or AMX), fp32 elsewhere",
 ) -> Any:
-    return option("fp32", help, choices=PRECISIONS)
+    return option("auto", help, choices=PRECISION_CHOICES)
 
 
 @dataclass
@@ -113,6 +114,11 @@ class SampleOptions:
     per_class: int | None = option(None, "images per class with --grid-by-class (default: 8)", minimum=1)
     device: str = device_option()
     precision: str = precision_option()
+    compile: bool = option(
+        False,
+        "torch.compile the network: 15-30 s to start (cached between runs), then about 2x faster sampling on a "
+        "CPU with bf16; worth it for long runs",
+    )
     strip_points: int = option(8, "columns of reverse.png", minimum=1, cli=False)
     show_progress: bool = option(True, "progress bars on stderr", cli=False)
 
@@ -124,13 +130,13 @@ class SampleOptions:
 def inference_device(device: str, precision: str) -> torch.device:
     """The device to sample on, after checking ``--device`` and ``--precision``; warns (stderr) when
     the precision has no fast kernels here."""
-    if precision not in PRECISIONS:
-        raise InkwashError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISION_CHOICES:
+        raise InkwashError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     try:
         placed = resolve_device(device)
     except ValueError as exc:
         raise InkwashError(str(exc)) from None
-    warning = precision_warning(precision, placed)
+    warning = precision_warning(resolve_precision(precision, placed), placed)
     if warning:
         print(warning, file=sys.stderr)
     return placed

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from inkwash.checkpoint import read_config
-from inkwash.core.precision import deterministic_mode, precision_warning
+from inkwash.core.precision import deterministic_mode, precision_warning, resolve_precision
 from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.core.unet import PRESETS, UNetConfig, count_parameters, preset
 from inkwash.data.loading import ImageData, load_data
@@ -111,6 +111,7 @@ def _train(
     world: World,
     resume_from: Path | None,
 ) -> TrainResult:
+    config = replace(config, precision=resolve_precision(config.precision, world.device))  # what auto picked here
     warning = precision_warning(config.precision, world.device)
     if warning and world.is_main:
         print(warning, file=sys.stderr)
