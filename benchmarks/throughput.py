@@ -233,29 +233,52 @@ def precision_variants(compile_too: bool) -> list[tuple[str, str, bool]]:
     return variants
 
 
-def measure_memory(args, config, ours, schedule, shape, default, device, sizes) -> dict:
-    """Peak memory (MiB above the baseline) of one training step and one sampling run at each batch size,
-    for inkwash at its default precision and for diffusers in fp32; each on a fresh copy of the network."""
-    theirs = None if args.precision_only else diffusers_twin(config, resnet_time_scale_shift="scale_shift")
-    unit = "max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+MEMORY_TASKS = ("inkwash_train", "inkwash_sample", "diffusers_train", "diffusers_sample")
+
+
+def memory_probe(args, task: str, size: int) -> float | None:
+    """Run one task once in this (fresh) process and return its peak memory in MiB (``peak_memory_mib``)."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = preset(args.preset)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    schedule = NoiseSchedule()
+    precision = resolve_precision("auto", device)
+    if task.startswith("inkwash"):
+        model = UNet(config).to(device)
+        if task == "inkwash_train":
+            fn = inkwash_train_step(model, make_optimizer(model, lr=1e-4), size, shape, schedule, precision, device)
+        else:
+            fn = inkwash_sampler(model, schedule, size, shape, args.sample_steps, precision, device)
+    else:
+        model = diffusers_twin(config, resnet_time_scale_shift="scale_shift").to(device)
+        if task == "diffusers_train":
+            fn = diffusers_train_step(model, make_optimizer(model, lr=1e-4), size, shape, device)
+        else:
+            fn = diffusers_sampler(model, size, shape, args.sample_steps, device)
+    return peak_memory_mib(fn, device)
+
+
+def measure_memory(args, sizes: list[int]) -> dict:
+    """Peak memory (MiB above what the process held before the call) of one training step and one sampling
+    run at each batch size: inkwash at its default precision, diffusers in fp32. Each runs in a process of
+    its own, so that no allocator holds memory from another task."""
+    import subprocess
+    import sys
+
+    unit = "max_memory_allocated" if args.device == "cuda" else "peak RSS (VmHWM)"
     print(f"peak memory, MiB above the baseline ({unit}); one training step / one {args.sample_steps}-step DDIM run")
+    tasks = MEMORY_TASKS[:2] if args.precision_only else MEMORY_TASKS
     table: dict = {}
     for size in sizes:
         row = {}
-        model = copy.deepcopy(ours).to(device)
-        step = inkwash_train_step(model, make_optimizer(model, lr=1e-4), size, shape, schedule, default, device)
-        row["inkwash_train"] = peak_memory_mib(step, device)
-        model = copy.deepcopy(ours).to(device)
-        run = inkwash_sampler(model, schedule, size, shape, args.sample_steps, default, device)
-        row["inkwash_sample"] = peak_memory_mib(run, device)
-        if theirs is not None:
-            model = copy.deepcopy(theirs).to(device)
-            step = diffusers_train_step(model, make_optimizer(model, lr=1e-4), size, shape, device)
-            row["diffusers_train"] = peak_memory_mib(step, device)
-            model = copy.deepcopy(theirs).to(device)
-            row["diffusers_sample"] = peak_memory_mib(
-                diffusers_sampler(model, size, shape, args.sample_steps, device), device
-            )
+        for task in tasks:
+            command = [sys.executable, __file__, "--memory-probe", f"{task}:{size}", "--preset", args.preset,
+                       "--device", args.device, "--sample-steps", str(args.sample_steps),
+                       "--threads", str(args.threads)]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            lines = done.stdout.strip().splitlines()
+            row[task] = float(lines[-1]) if done.returncode == 0 and lines and lines[-1] != "None" else None
         table[str(size)] = row
         shown = ", ".join(f"{key} {value:.0f}" for key, value in row.items() if value is not None)
         print(f"  batch {size}: {shown}")
@@ -278,6 +301,7 @@ def parse_args() -> argparse.Namespace:
         default="64,256",
         help="batch sizes at which to report peak memory of one training step and one sampling run ('' skips)",
     )
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # TASK:SIZE, run by measure_memory
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if min(args.batch_size, args.train_steps, args.sample_steps, args.rounds) < 1:
@@ -294,6 +318,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        task, size = args.memory_probe.split(":")
+        print(memory_probe(args, task, int(size)))
+        return
     device = torch.device(args.device)
     torch.manual_seed(0)
     config = preset(args.preset)
@@ -410,7 +438,7 @@ def main() -> None:
 
     memory_sizes = [int(size) for size in args.memory_batch_sizes.split(",") if size.strip()]
     if memory_sizes:
-        result["peak_memory_mib"] = measure_memory(args, config, ours, schedule, shape, default, device, memory_sizes)
+        result["peak_memory_mib"] = measure_memory(args, memory_sizes)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
