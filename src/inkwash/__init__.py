@@ -49,9 +49,10 @@ def train(config: TrainConfig | None = None, /, *, show_progress: bool = True, *
 
 
 def load(path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:
-    """A ``Pipeline`` for a run folder (its newest complete checkpoint) or one checkpoint folder; its
-    ``generate(...)`` samples images. ``use_ema`` picks the EMA weights (the default) or the raw ones;
-    ``device`` is auto (the GPU when there is one), cpu, cuda or a ``torch.device``."""
+    """A ``Pipeline`` for a run folder (its newest complete checkpoint), one checkpoint folder or a diffusers
+    ``DDPMPipeline`` / ``DDIMPipeline`` folder (safetensors weights); its ``generate(...)`` samples images.
+    ``use_ema`` picks the EMA weights (the default) or the raw ones; ``device`` is auto (the GPU when there
+    is one), cpu, cuda or a ``torch.device``."""
     from inkwash.pipeline import Pipeline
 
     return Pipeline.load(path, use_ema=use_ema, device=device)

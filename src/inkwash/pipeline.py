@@ -25,6 +25,7 @@ from inkwash.core.schedule import NoiseSchedule
 from inkwash.core.sigmas import build_sigmas
 from inkwash.core.unet import UNet
 from inkwash.data.loading import load_folder, prepare_image, to_uint8, to_unit_range
+from inkwash.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
 from inkwash.errors import InkwashError
 from inkwash.sampling.generate import SampleResult, generate
 from inkwash.sampling.img2img import strength_sigmas
@@ -226,8 +227,11 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:
         """Load a run folder (its newest complete checkpoint) or one checkpoint folder. ``use_ema`` picks
-        the EMA weights (the default) or the raw ones; ``device`` is auto, cpu, cuda or a torch.device."""
+        the EMA weights (the default) or the raw ones; ``device`` is auto, cpu, cuda or a torch.device. A
+        diffusers ``DDPMPipeline`` / ``DDIMPipeline`` folder is loaded too (``use_ema`` does not apply)."""
         placed = device if isinstance(device, torch.device) else inference_device(device, "fp32")
+        if is_diffusers_folder(path):
+            return load_diffusers_pipeline(path, placed)
         checkpoint = resolve_checkpoint(path)
         model, schedule, config = load_model(checkpoint, use_ema=use_ema)
         return cls(model, schedule, config, device=placed, checkpoint=checkpoint, use_ema=use_ema)

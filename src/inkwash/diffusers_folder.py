@@ -1,0 +1,182 @@
+"""Load a diffusers pixel-space pipeline folder (``DDPMPipeline`` / ``DDIMPipeline.save_pretrained``) as a
+``Pipeline``, so that ``inkwash.load(path)`` and ``inkwash sample --checkpoint path`` sample it with every
+inkwash sampler.
+
+The folder's ``unet/`` becomes the network (a ``diffusers.UNet2DModel``, read from safetensors only) and its
+``scheduler/scheduler_config.json`` the ``NoiseSchedule``. Only what defines the trained model is read from the
+scheduler: its training timesteps, betas and prediction type. A field that cannot be mapped exactly raises an
+``InkwashError``; nothing is approximated. The scheduler's sampling settings (``clip_sample``,
+``timestep_spacing``, ``variance_type`` "fixed_*", ...) are not read: inkwash chooses those per call.
+diffusers is imported only when such a folder is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
+from inkwash.errors import InkwashError
+
+if TYPE_CHECKING:
+    from inkwash.pipeline import Pipeline
+
+INDEX_FILE = "model_index.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+SUPPORTED_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+# diffusers' beta_schedule -> inkwash's name for the same betas (checked equal in tests/test_diffusers_folder.py)
+BETA_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "squaredcos_cap_v2": "cosine",
+    "sigmoid": "sigmoid",
+}
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# Scheduler fields that change the trained model's schedule or output, with the value inkwash can follow.
+REQUIRED_VALUES = {"trained_betas": None, "timestep_type": "discrete"}
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by a diffusers pipeline's ``save_pretrained``."""
+    return (Path(path) / INDEX_FILE).is_file()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InkwashError(f"{path.parent.parent}: missing {what} ({path.parent.name}/{path.name})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InkwashError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InkwashError(f"{path} is not a JSON object")
+    return data
+
+
+def schedule_from_config(config: dict, where: str) -> tuple[NoiseSchedule, str]:
+    """inkwash's ``NoiseSchedule`` and prediction ("eps", "v" or "x0") for a diffusers scheduler config."""
+    for field, allowed in REQUIRED_VALUES.items():
+        value = config.get(field, allowed)
+        if value != allowed:
+            shown = "a list of betas" if field == "trained_betas" else repr(value)
+            raise InkwashError(f"{where}: scheduler field {field}={shown} is not supported (only {allowed!r})")
+    beta_schedule = config.get("beta_schedule", "linear")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise InkwashError(
+            f"{where}: scheduler field beta_schedule={beta_schedule!r} is not supported"
+            f" (choose from {', '.join(BETA_SCHEDULES)})"
+        )
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTIONS:
+        raise InkwashError(
+            f"{where}: scheduler field prediction_type={prediction_type!r} is not supported"
+            f" (choose from {', '.join(PREDICTIONS)})"
+        )
+    num_steps = config.get("num_train_timesteps", 1000)
+    beta_start, beta_end = config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+    if not isinstance(num_steps, int) or num_steps < 2:
+        raise InkwashError(f"{where}: scheduler field num_train_timesteps={num_steps!r} must be an integer >= 2")
+    for field, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
+            raise InkwashError(f"{where}: scheduler field {field}={value!r} must be a number in [0, 1)")
+    schedule = NoiseSchedule(
+        ScheduleConfig(
+            beta_schedule=BETA_SCHEDULES[beta_schedule],
+            num_steps=num_steps,
+            beta_start=float(beta_start),
+            beta_end=float(beta_end),
+            zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
+        )
+    )
+    return schedule, PREDICTIONS[prediction_type]
+
+
+class DiffusersUNet(nn.Module):
+    """A ``diffusers.UNet2DModel`` as an inkwash network ``network(x_vp, t, cond) -> output``; ``t`` is the
+    (possibly fractional) float timestep, which its sinusoidal timestep embedding takes as it is."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            raise ValueError("a diffusers UNet2DModel from a DDPM / DDIM pipeline is unconditional")
+        return self.unet(x, t).sample
+
+
+def _check_unet(config: dict, where: str) -> int:
+    """The square image size of a UNet2DModel config; an InkwashError for what inkwash cannot run."""
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise InkwashError(f"{where}: unet is a {config['_class_name']}; only UNet2DModel is supported")
+    embedding = config.get("time_embedding_type", "positional")
+    if embedding != "positional":
+        raise InkwashError(
+            f"{where}: unet field time_embedding_type={embedding!r} is not supported (only 'positional')"
+        )
+    if config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None:
+        raise InkwashError(f"{where}: class-conditional UNet2DModel folders are not supported yet")
+    in_channels, out_channels = config.get("in_channels", 3), config.get("out_channels", 3)
+    if out_channels != in_channels:
+        raise InkwashError(
+            f"{where}: unet has {out_channels} output channels for {in_channels} input channels"
+            " (a learned variance is not supported)"
+        )
+    size = config.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise InkwashError(f"{where}: unet field sample_size={size!r} is not supported (only square images)")
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise InkwashError(f"{where}: unet field sample_size={size!r} must be a positive integer")
+    return size
+
+
+def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Pipeline:
+    """A ``Pipeline`` for a ``DDPMPipeline`` / ``DDIMPipeline`` folder (safetensors weights only)."""
+    from inkwash.pipeline import Pipeline
+
+    path = Path(path)
+    if not is_diffusers_folder(path):
+        raise InkwashError(f"{path}: not a diffusers pipeline folder (no {INDEX_FILE})")
+    index = _read_json(path / INDEX_FILE, INDEX_FILE)
+    kind = index.get("_class_name")
+    if kind not in SUPPORTED_PIPELINES:
+        raise InkwashError(f"{path}: {kind} folders are not supported yet (only {' / '.join(SUPPORTED_PIPELINES)})")
+    for component in ("unet", "scheduler"):
+        if not (path / component).is_dir():
+            raise InkwashError(f"{path}: missing the {component}/ folder")
+    unet_dir = path / "unet"
+    unet_config = _read_json(unet_dir / "config.json", "the unet config")
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
+    if not (unet_dir / WEIGHTS_FILE).is_file():
+        if any(unet_dir.glob("*.bin")):
+            raise InkwashError(f"{unet_dir} has only pickled .bin weights; convert them to safetensors")
+        raise InkwashError(f"{path}: missing the unet weights (unet/{WEIGHTS_FILE})")
+    size = _check_unet(unet_config, str(path))
+    schedule, prediction = schedule_from_config(scheduler_config, str(path))
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise InkwashError(
+            "loading a diffusers pipeline folder needs the diffusers package (pip install diffusers)"
+        ) from None
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InkwashError(f"cannot load {unet_dir}: {str(exc).splitlines()[0]}") from None
+    channels = int(unet_config.get("in_channels", 3))
+    config = {
+        "format": "diffusers",
+        "pipeline": kind,
+        "prediction": prediction,
+        "schedule": schedule.config.to_dict(),
+        "unet": {"num_classes": 0},
+        "data": {"shape": [channels, size, size], "class_names": []},
+    }
+    return Pipeline(DiffusersUNet(unet.float()), schedule, config, device=device, checkpoint=path, use_ema=False)
