@@ -1,5 +1,6 @@
-"""inkwash.load on a diffusers DDPMPipeline / DDIMPipeline folder: DDIM agreement with diffusers, every
-sampler, img2img and masks, the CLI, and the folders it refuses."""
+"""inkwash.load on a diffusers DDPMPipeline / DDIMPipeline folder: DDIM, Euler, Euler a, DPM++ 2M and UniPC
+agreement with diffusers, the scheduler's sampling settings, every sampler, img2img and masks, the CLI, and
+the folders it refuses."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import torch
 
 import inkwash
 from inkwash.commands.cli import main
+from inkwash.core.denoiser import ModelDenoiser
 from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.core.sigmas import build_sigmas
 from inkwash.errors import InkwashError
+from inkwash.evaluation.diffusers_bridge import diffusers_noise, run_scheduler
 from inkwash.pipeline import Pipeline
 from inkwash.sampling.samplers import SAMPLERS
 
@@ -109,6 +112,93 @@ def test_ddim_agrees_with_diffusers(tmp_path, pipeline, channels, prediction):
     assert scale > 0.1  # a real comparison, not two zeros
     assert diff < 1e-5 * max(1.0, scale)
     assert image_diff < 1e-4
+
+
+class RoundedT(torch.nn.Module):
+    """The folder's network given the timestep rounded to an integer, as DPMSolverMultistepScheduler gives it
+    with Karras sigmas (tests/test_diffusers_agreement.py, test_dpmpp_karras_rounds_the_network_timestep)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x, t, cond=None):
+        return self.network(x, torch.as_tensor(t).round(), cond)
+
+
+DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+# name: (diffusers scheduler, its config on top of the folder's, inkwash sampler and options, stochastic,
+# inkwash's sigmas: a step schedule (the one tests/test_diffusers_agreement.py maps the folder's "leading" spacing
+# to) or None for the scheduler's own sigmas (DPM-Solver's and UniPC's "leading" is T // (steps + 1) apart, not
+# inkwash's T // steps), measured max abs difference of the final state (torch 2.13 CPU, diffusers 0.42.1), the
+# largest |x| then, and of the [-1, 1] images.
+AGREEMENT = {
+    # 4.6e-5 of |x| 219; images 1.8e-5
+    "euler": ("EulerDiscreteScheduler", {}, "euler", {}, False, "leading"),
+    # 9.2e-5 of 252; 2.1e-5
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral", {}, True, "leading"),
+    # 7.6e-5 of 219; 1.3e-5
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", DPMPP_2M, "dpmpp_2m", {}, False, None),
+    "dpmpp_2m karras": (  # 4.9e-4 of 570 with the rounded timestep, images 1.6e-5; 8.8e-2 without it
+        "DPMSolverMultistepScheduler", {**DPMPP_2M, "use_karras_sigmas": True}, "dpmpp_2m", {}, False, None
+    ),
+    # 1.1e-4 of 219; 1.1e-5
+    "unipc": ("UniPCMultistepScheduler", {}, "unipc", {"order": 2, "variant": "bh2"}, False, None),
+}  # fmt: skip
+
+
+def _agreement(folder, pipe, name, *, round_t=None):
+    """(diffusers' final state, inkwash's, and inkwash's with the network's timestep left fractional) for
+    AGREEMENT[name], 10 steps from the same initial noise. Euler a's noise: inkwash's sampler draws what the
+    scheduler's step draws from the same generator (diffusers_noise, as in tests/test_diffusers_agreement.py)."""
+    cls, extra, sampler, options, stochastic, spacing = AGREEMENT[name]
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sched = getattr(diffusers, cls).from_config(config, **extra)
+    steps, shape = 10, (2, 3, 16, 16)
+    sched.set_timesteps(steps)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    unet = pipe.model.unet
+    with torch.no_grad():
+        step_kwargs = {"generator": torch.Generator().manual_seed(5)} if stochastic else {}
+        expected = run_scheduler(sched, lambda x, t: unet(x, t).sample, noise * sched.init_noise_sigma, **step_kwargs)
+    if spacing is None:
+        sigmas = sched.sigmas.double()
+    else:
+        sigmas = build_sigmas(pipe.schedule, steps, spacing)
+        # the same timesteps; diffusers' float32 alpha_bar near t = 0 is only good to 1e-4 relative
+        # (test_schedule_tables_match_diffusers), and its sigmas with it
+        torch.testing.assert_close(sigmas, sched.sigmas.double(), rtol=1e-4, atol=0)
+    # inkwash's x at sigma_max is noise * sqrt(1 + sigma_max^2): diffusers' init_noise_sigma for Euler's
+    # "leading" spacing, and 1 times the VP state for DPM-Solver and UniPC.
+    x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
+    results = []
+    for denoiser in (ModelDenoiser(RoundedT(pipe.model), pipe.schedule, "eps"), pipe.denoiser):
+        kwargs = (
+            {"noise": diffusers_noise(torch.Generator().manual_seed(5), shape, torch.float32)} if stochastic else {}
+        )
+        with torch.no_grad():
+            results.append(SAMPLERS[sampler].fn(denoiser, x, sigmas, **kwargs, **options).float())
+    return expected, *results
+
+
+@pytest.mark.parametrize("name", list(AGREEMENT))
+def test_samplers_agree_with_diffusers(folder, pipe, name):
+    """inkwash's sampler on the loaded folder equals diffusers' scheduler from the folder's config, to float32
+    rounding relative to the largest entry (1e-5, as for DDIM above; measured 2e-7 to 9e-7). With Karras sigmas
+    DPMSolverMultistepScheduler rounds the timestep it gives the network, so there inkwash's network is given
+    the rounded timestep too; every other scheduler here gives integer timesteps, which inkwash's t(sigma) hits
+    (to float32 rounding), so rounding changes nothing."""
+    expected, rounded, plain = _agreement(folder, pipe, name)
+    got = rounded if "karras" in name else plain
+    scale = expected.abs().max().item()
+    diff = (got - expected).abs().max().item()
+    image_diff = (got.clamp(-1, 1) - expected.clamp(-1, 1)).abs().max().item()
+    print(f"inkwash {name} vs diffusers: max abs diff {diff:.2e} with max |x| {scale:.3g}; images {image_diff:.2e}")
+    assert scale > 0.1
+    assert diff < 1e-5 * max(1.0, scale)
+    assert image_diff < 1e-4
+    if "karras" in name:  # the rounding is what it takes: the fractional timestep is far outside tolerance
+        assert (plain - expected).abs().max().item() > 10 * 1e-5 * scale
 
 
 def test_beta_schedules_match_diffusers():
@@ -207,3 +297,68 @@ def test_cli_reports_bad_folder(folder, tmp_path, capsys):
     _edit(bad / "model_index.json", _class_name="StableDiffusionPipeline")
     assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "o")]) != 0
     assert "StableDiffusionPipeline" in capsys.readouterr().err
+
+
+# ---- the scheduler's sampling settings -------------------------------------------------------------------
+
+
+def _folder_with(folder, tmp_path, **scheduler_fields):
+    copy = _copy(folder, tmp_path)
+    _edit(copy / "scheduler" / "scheduler_config.json", **scheduler_fields)
+    return inkwash.load(copy, device="cpu")
+
+
+def _job(pipe, **given):
+    return pipe.prepare(pipe.sample_options(num_images=1, show_progress=False, **given))
+
+
+@pytest.mark.parametrize(
+    ("spacing", "schedule"), [("leading", "leading"), ("trailing", "trailing"), ("linspace", "uniform")]
+)
+def test_timestep_spacing_is_the_default_schedule(folder, tmp_path, spacing, schedule):
+    pipe = _folder_with(folder, tmp_path, timestep_spacing=spacing)
+    assert pipe.config["sampling"]["timestep_spacing"] == spacing
+    for sampler in ("ddim", "dpmpp_2m", "euler"):  # every sampler's default, whatever its own
+        job = _job(pipe, sampler=sampler, steps=7)
+        assert job.schedule == schedule
+        assert torch.equal(job.sigmas, build_sigmas(pipe.schedule, 7, schedule))
+    assert _job(pipe, sampler="euler", steps=7, schedule="karras").schedule == "karras"  # given per call: it wins
+    # inkwash sample without --schedule (SampleOptions.schedule None) gets it too
+    options = inkwash.sampling.options.SampleOptions(checkpoint=str(folder), out="", steps=7, show_progress=False)
+    assert pipe.prepare(options).schedule == schedule
+
+
+def test_unknown_timestep_spacing(folder, tmp_path):
+    with pytest.raises(InkwashError, match="timestep_spacing='sometimes'"):
+        _folder_with(folder, tmp_path, timestep_spacing="sometimes")
+
+
+@pytest.mark.parametrize(
+    ("clip_sample", "clip_range", "clip_denoised"), [(False, 1.0, False), (True, 1.0, True), (True, 2.0, False)]
+)
+def test_clip_sample_is_the_default_clip_denoised(folder, tmp_path, clip_sample, clip_range, clip_denoised):
+    pipe = _folder_with(folder, tmp_path, clip_sample=clip_sample, clip_sample_range=clip_range)
+    assert pipe.config["sampling"]["clip_sample"] is clip_sample
+    assert pipe.config["sampling"]["clip_sample_range"] == clip_range
+    assert pipe.sample_options().clip_denoised is clip_denoised
+    assert pipe.sample_options(clip_denoised=not clip_denoised).clip_denoised is (not clip_denoised)
+
+
+def test_clip_sample_changes_the_images(folder, tmp_path):
+    """The untrained network's x0 estimates leave [-1, 1], so the default clip shows in the pixels."""
+    options = {"sampler": "ddim", "steps": 4, "num_images": 1, "seed": 0, "show_progress": False}
+    clipped = _folder_with(folder, tmp_path / "a", clip_sample=True).generate(**options)
+    plain = _folder_with(folder, tmp_path / "b", clip_sample=False).generate(**options)
+    assert not np.array_equal(clipped, plain)
+    assert np.array_equal(
+        clipped, _folder_with(folder, tmp_path / "c", clip_sample=False).generate(clip_denoised=True, **options)
+    )
+
+
+def test_steps_offset_is_recorded_not_applied(folder, tmp_path):
+    """inkwash's step schedules have no offset: diffusers' "leading" timesteps with steps_offset=1 are 1 higher."""
+    pipe = _folder_with(folder, tmp_path, steps_offset=1)
+    assert pipe.config["sampling"]["steps_offset"] == 1
+    assert torch.equal(_job(pipe, sampler="ddim", steps=10).sigmas, build_sigmas(pipe.schedule, 10, "leading"))
+    with pytest.raises(InkwashError, match="steps_offset"):
+        _folder_with(folder, tmp_path / "bad", steps_offset=-1)

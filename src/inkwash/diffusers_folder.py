@@ -5,13 +5,22 @@ inkwash sampler.
 The folder's ``unet/`` becomes the network (a ``diffusers.UNet2DModel``, read from safetensors only) and its
 ``scheduler/scheduler_config.json`` the ``NoiseSchedule``. Only what defines the trained model is read from the
 scheduler: its training timesteps, betas and prediction type. A field that cannot be mapped exactly raises an
-``InkwashError``; nothing is approximated. The scheduler's sampling settings (``clip_sample``,
-``timestep_spacing``, ``variance_type`` "fixed_*", ...) are not read: inkwash chooses those per call.
-diffusers is imported only when such a folder is loaded.
+``InkwashError``; nothing is approximated.
+
+Of the scheduler's sampling settings, ``timestep_spacing``, ``clip_sample``, ``clip_sample_range`` and
+``steps_offset`` are recorded under ``config["sampling"]`` and two of them become the folder's defaults (a
+``schedule`` or ``clip_denoised`` given per call wins): ``timestep_spacing`` is the default step schedule of
+every sampler ("leading", "trailing", "linspace" -> "uniform"), and ``clip_denoised`` defaults to
+``clip_sample`` when ``clip_sample_range`` is 1 (inkwash clips to [-1, 1] only; with another range it defaults
+to no clipping). ``steps_offset`` is recorded but not applied: inkwash's schedules have no offset. Others
+(``variance_type`` "fixed_*", ``set_alpha_to_one``, ...) are not read. diffusers is imported only when such a
+folder is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -39,6 +48,8 @@ BETA_SCHEDULES = {
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 # Scheduler fields that change the trained model's schedule or output, with the value inkwash can follow.
 REQUIRED_VALUES = {"trained_betas": None, "timestep_type": "discrete"}
+# diffusers' timestep_spacing -> inkwash's step schedule with the same timesteps (tests/test_diffusers_agreement.py)
+SPACINGS = {"leading": "leading", "trailing": "trailing", "linspace": "uniform"}
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -96,6 +107,58 @@ def schedule_from_config(config: dict, where: str) -> tuple[NoiseSchedule, str]:
     return schedule, PREDICTIONS[prediction_type]
 
 
+def sampling_from_config(config: dict, where: str) -> dict:
+    """The scheduler's sampling settings that a folder records: ``timestep_spacing``, ``steps_offset``,
+    ``clip_sample`` and ``clip_sample_range`` (diffusers' DDPMScheduler defaults where absent), with the
+    ``schedule`` and ``clip_denoised`` defaults they give."""
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS:
+        raise InkwashError(
+            f"{where}: scheduler field timestep_spacing={spacing!r} is not supported"
+            f" (choose from {', '.join(SPACINGS)})"
+        )
+    offset = config.get("steps_offset", 0)
+    if not isinstance(offset, int) or offset < 0:
+        raise InkwashError(f"{where}: scheduler field steps_offset={offset!r} must be an integer >= 0")
+    clip, clip_range = config.get("clip_sample", True), config.get("clip_sample_range", 1.0)
+    if not isinstance(clip, bool):
+        raise InkwashError(f"{where}: scheduler field clip_sample={clip!r} must be true or false")
+    if not isinstance(clip_range, (int, float)) or not math.isfinite(clip_range) or clip_range <= 0:
+        raise InkwashError(f"{where}: scheduler field clip_sample_range={clip_range!r} must be a positive number")
+    return {
+        "timestep_spacing": spacing,
+        "steps_offset": offset,
+        "clip_sample": clip,
+        "clip_sample_range": float(clip_range),
+        "schedule": SPACINGS[spacing],
+        "clip_denoised": clip and clip_range == 1,
+    }
+
+
+@functools.cache
+def folder_pipeline_class() -> type:
+    """``Pipeline`` with a folder's sampling defaults (defined on first use: ``inkwash.pipeline`` imports this
+    module)."""
+    from inkwash.pipeline import Pipeline
+
+    class DiffusersFolderPipeline(Pipeline):
+        """A diffusers folder's ``Pipeline``: ``config["sampling"]["schedule"]`` is the default step schedule
+        and ``config["sampling"]["clip_denoised"]`` the default of ``generate``'s ``clip_denoised``."""
+
+        def sample_options(self, **given):
+            defaults = self.config["sampling"]
+            given.setdefault("schedule", defaults["schedule"])
+            given.setdefault("clip_denoised", defaults["clip_denoised"])
+            return super().sample_options(**given)
+
+        def prepare(self, options, **inputs):
+            if options.schedule is None:  # inkwash sample without --schedule
+                options = dataclasses.replace(options, schedule=self.config["sampling"]["schedule"])
+            return super().prepare(options, **inputs)
+
+    return DiffusersFolderPipeline
+
+
 class DiffusersUNet(nn.Module):
     """A ``diffusers.UNet2DModel`` as an inkwash network ``network(x_vp, t, cond) -> output``; ``t`` is the
     (possibly fractional) float timestep, which its sinusoidal timestep embedding takes as it is."""
@@ -138,9 +201,8 @@ def _check_unet(config: dict, where: str) -> int:
 
 
 def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Pipeline:
-    """A ``Pipeline`` for a ``DDPMPipeline`` / ``DDIMPipeline`` folder (safetensors weights only)."""
-    from inkwash.pipeline import Pipeline
-
+    """A ``Pipeline`` for a ``DDPMPipeline`` / ``DDIMPipeline`` folder (safetensors weights only), with the
+    scheduler's sampling defaults (see the module docstring)."""
     path = Path(path)
     if not is_diffusers_folder(path):
         raise InkwashError(f"{path}: not a diffusers pipeline folder (no {INDEX_FILE})")
@@ -160,6 +222,7 @@ def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu"
         raise InkwashError(f"{path}: missing the unet weights (unet/{WEIGHTS_FILE})")
     size = _check_unet(unet_config, str(path))
     schedule, prediction = schedule_from_config(scheduler_config, str(path))
+    sampling = sampling_from_config(scheduler_config, str(path))
     try:
         from diffusers import UNet2DModel
     except ImportError:
@@ -176,7 +239,9 @@ def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu"
         "pipeline": kind,
         "prediction": prediction,
         "schedule": schedule.config.to_dict(),
+        "sampling": sampling,
         "unet": {"num_classes": 0},
         "data": {"shape": [channels, size, size], "class_names": []},
     }
-    return Pipeline(DiffusersUNet(unet.float()), schedule, config, device=device, checkpoint=path, use_ema=False)
+    pipeline = folder_pipeline_class()
+    return pipeline(DiffusersUNet(unet.float()), schedule, config, device=device, checkpoint=path, use_ema=False)
