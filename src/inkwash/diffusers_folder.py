@@ -19,7 +19,6 @@ folder is loaded.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -69,6 +68,16 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def _choice(config: dict, field: str, default: str, choices: dict, where: str) -> str:
+    """A scheduler field that must be one of ``choices``' keys; a one-line error names it otherwise."""
+    value = config.get(field, default)
+    if value not in choices:
+        raise InkwashError(
+            f"{where}: scheduler field {field}={value!r} is not supported (choose from {', '.join(choices)})"
+        )
+    return value
+
+
 def schedule_from_config(config: dict, where: str) -> tuple[NoiseSchedule, str]:
     """inkwash's ``NoiseSchedule`` and prediction ("eps", "v" or "x0") for a diffusers scheduler config."""
     for field, allowed in REQUIRED_VALUES.items():
@@ -76,18 +85,8 @@ def schedule_from_config(config: dict, where: str) -> tuple[NoiseSchedule, str]:
         if value != allowed:
             shown = "a list of betas" if field == "trained_betas" else repr(value)
             raise InkwashError(f"{where}: scheduler field {field}={shown} is not supported (only {allowed!r})")
-    beta_schedule = config.get("beta_schedule", "linear")
-    if beta_schedule not in BETA_SCHEDULES:
-        raise InkwashError(
-            f"{where}: scheduler field beta_schedule={beta_schedule!r} is not supported"
-            f" (choose from {', '.join(BETA_SCHEDULES)})"
-        )
-    prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTIONS:
-        raise InkwashError(
-            f"{where}: scheduler field prediction_type={prediction_type!r} is not supported"
-            f" (choose from {', '.join(PREDICTIONS)})"
-        )
+    beta_schedule = _choice(config, "beta_schedule", "linear", BETA_SCHEDULES, where)
+    prediction_type = _choice(config, "prediction_type", "epsilon", PREDICTIONS, where)
     num_steps = config.get("num_train_timesteps", 1000)
     beta_start, beta_end = config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
     if not isinstance(num_steps, int) or num_steps < 2:
@@ -111,12 +110,7 @@ def sampling_from_config(config: dict, where: str) -> dict:
     """The scheduler's sampling settings that a folder records: ``timestep_spacing``, ``steps_offset``,
     ``clip_sample`` and ``clip_sample_range`` (diffusers' DDPMScheduler defaults where absent), with the
     ``schedule`` and ``clip_denoised`` defaults they give."""
-    spacing = config.get("timestep_spacing", "leading")
-    if spacing not in SPACINGS:
-        raise InkwashError(
-            f"{where}: scheduler field timestep_spacing={spacing!r} is not supported"
-            f" (choose from {', '.join(SPACINGS)})"
-        )
+    spacing = _choice(config, "timestep_spacing", "leading", SPACINGS, where)
     offset = config.get("steps_offset", 0)
     if not isinstance(offset, int) or offset < 0:
         raise InkwashError(f"{where}: scheduler field steps_offset={offset!r} must be an integer >= 0")
@@ -136,29 +130,6 @@ def sampling_from_config(config: dict, where: str) -> dict:
 
 
 @functools.cache
-def folder_pipeline_class() -> type:
-    """``Pipeline`` with a folder's sampling defaults (defined on first use: ``inkwash.pipeline`` imports this
-    module)."""
-    from inkwash.pipeline import Pipeline
-
-    class DiffusersFolderPipeline(Pipeline):
-        """A diffusers folder's ``Pipeline``: ``config["sampling"]["schedule"]`` is the default step schedule
-        and ``config["sampling"]["clip_denoised"]`` the default of ``generate``'s ``clip_denoised``."""
-
-        def sample_options(self, **given):
-            defaults = self.config["sampling"]
-            given.setdefault("schedule", defaults["schedule"])
-            given.setdefault("clip_denoised", defaults["clip_denoised"])
-            return super().sample_options(**given)
-
-        def prepare(self, options, **inputs):
-            if options.schedule is None:  # inkwash sample without --schedule
-                options = dataclasses.replace(options, schedule=self.config["sampling"]["schedule"])
-            return super().prepare(options, **inputs)
-
-    return DiffusersFolderPipeline
-
-
 class DiffusersUNet(nn.Module):
     """A ``diffusers.UNet2DModel`` as an inkwash network ``network(x_vp, t, cond) -> output``; ``t`` is the
     (possibly fractional) float timestep, which its sinusoidal timestep embedding takes as it is."""
@@ -243,5 +214,6 @@ def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu"
         "unet": {"num_classes": 0},
         "data": {"shape": [channels, size, size], "class_names": []},
     }
-    pipeline = folder_pipeline_class()
-    return pipeline(DiffusersUNet(unet.float()), schedule, config, device=device, checkpoint=path, use_ema=False)
+    from inkwash.pipeline import Pipeline  # here: inkwash.pipeline imports this module
+
+    return Pipeline(DiffusersUNet(unet.float()), schedule, config, device=device, checkpoint=path, use_ema=False)

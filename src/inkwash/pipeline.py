@@ -258,7 +258,8 @@ class Pipeline:
         steps = options.steps or DEFAULT_STEPS.get(info.id, 50)
         if steps > self.schedule.num_steps:
             raise InkwashError(f"--steps must be at most {self.schedule.num_steps}, got {steps}")
-        schedule_name = options.schedule or info.default_schedule
+        # A checkpoint's own default step schedule (a diffusers folder's timestep_spacing) before the sampler's.
+        schedule_name = options.schedule or self.config.get("sampling", {}).get("schedule") or info.default_schedule
         sigmas = build_sigmas(self.schedule, steps, schedule_name, rho=options.rho)
         init_image = options.init_image if init_image is None else init_image
         mask = options.mask if mask is None else mask
@@ -316,13 +317,16 @@ class Pipeline:
         )
 
     def sample_options(self, **given: Any) -> SampleOptions:
-        """``SampleOptions`` for this pipeline from keyword arguments (the defaults are the dataclass's)."""
+        """``SampleOptions`` for this pipeline from keyword arguments (the defaults are the dataclass's, and a
+        checkpoint's own ``config["sampling"]["clip_denoised"]``: a diffusers folder's ``clip_sample``)."""
         names = {field.name for field in fields(SampleOptions)} - {"out"}  # generate writes no files
         for name in given:
             if name in LOAD_OPTIONS:
                 raise TypeError(f"{name} is chosen when loading: {LOAD_OPTIONS[name]}")
             if name not in names:
                 raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
+        if "clip_denoised" in self.config.get("sampling", {}):
+            given.setdefault("clip_denoised", self.config["sampling"]["clip_denoised"])
         return SampleOptions(
             checkpoint=str(self.checkpoint), out="", use_ema=self.use_ema, device=self.device.type, **given
         )
