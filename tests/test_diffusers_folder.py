@@ -274,10 +274,11 @@ def test_bin_only_weights(folder, tmp_path):
         inkwash.load(bad, device="cpu")
 
 
-def test_stable_diffusion_folder(folder, tmp_path):
+@pytest.mark.parametrize("kind", ["StableDiffusionXLPipeline", "KandinskyPipeline", "StableDiffusionInpaintPipeline"])
+def test_unknown_pipeline_class(folder, tmp_path, kind):
     bad = _copy(folder, tmp_path)
-    _edit(bad / "model_index.json", _class_name="StableDiffusionPipeline")
-    with pytest.raises(InkwashError, match="StableDiffusionPipeline folders are not supported yet"):
+    _edit(bad / "model_index.json", _class_name=kind)
+    with pytest.raises(InkwashError, match=f"{kind} folders are not supported yet"):
         inkwash.load(bad, device="cpu")
 
 
@@ -294,9 +295,10 @@ def test_unsupported_scheduler_field(folder, tmp_path, field, value):
 
 def test_cli_reports_bad_folder(folder, tmp_path, capsys):
     bad = _copy(folder, tmp_path)
-    _edit(bad / "model_index.json", _class_name="StableDiffusionPipeline")
+    _edit(bad / "model_index.json", _class_name="StableDiffusionXLPipeline")
     assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "o")]) != 0
-    assert "StableDiffusionPipeline" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "StableDiffusionXLPipeline" in err and len(err.strip().splitlines()) == 1
 
 
 # ---- the scheduler's sampling settings -------------------------------------------------------------------
@@ -355,10 +357,30 @@ def test_clip_sample_changes_the_images(folder, tmp_path):
     )
 
 
-def test_steps_offset_is_recorded_not_applied(folder, tmp_path):
-    """inkwash's step schedules have no offset: diffusers' "leading" timesteps with steps_offset=1 are 1 higher."""
+def test_steps_offset_shifts_the_leading_timesteps(folder, tmp_path):
+    """diffusers adds steps_offset to the "leading" timesteps only: 10 steps with offset 1 are 901, 801, ..., 1."""
     pipe = _folder_with(folder, tmp_path, steps_offset=1)
     assert pipe.config["sampling"]["steps_offset"] == 1
-    assert torch.equal(_job(pipe, sampler="ddim", steps=10).sigmas, build_sigmas(pipe.schedule, 10, "leading"))
+    sigmas = _job(pipe, sampler="ddim", steps=10).sigmas
+    assert torch.equal(sigmas[:-1], pipe.schedule.sigmas[torch.arange(901, 0, -100)])
+    scheduler = diffusers.DDIMScheduler(steps_offset=1, timestep_spacing="leading")
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps.tolist() == list(range(901, 0, -100))
+    for spacing in ("trailing", "uniform"):  # the other spacings ignore it, as diffusers' do
+        assert torch.equal(_job(pipe, steps=10, schedule=spacing).sigmas, build_sigmas(pipe.schedule, 10, spacing))
     with pytest.raises(InkwashError, match="steps_offset"):
         _folder_with(folder, tmp_path / "bad", steps_offset=-1)
+
+
+def test_set_alpha_to_one_false_ends_ddim_and_plms_at_sigma_min(folder, tmp_path):
+    """Stable Diffusion's PNDM / DDIM settings: the last step of DDIM and PLMS lands on alpha_bar[0]; the other
+    samplers still end at sigma 0. Without an offset the last timestep is 0 already and nothing changes."""
+    pipe = _folder_with(folder, tmp_path, steps_offset=1, set_alpha_to_one=False)
+    for sampler in ("ddim", "plms"):
+        sigmas = _job(pipe, sampler=sampler, steps=10).sigmas
+        assert float(sigmas[-1]) == float(pipe.schedule.sigmas[0]) and float(sigmas[-2]) > float(sigmas[-1])
+    assert float(_job(pipe, sampler="euler", steps=10).sigmas[-1]) == 0.0
+    plain = _folder_with(folder, tmp_path / "plain", set_alpha_to_one=False)
+    assert float(_job(plain, sampler="ddim", steps=10).sigmas[-1]) == 0.0
+    with pytest.raises(InkwashError, match="set_alpha_to_one"):
+        _folder_with(folder, tmp_path / "bad", set_alpha_to_one="no")

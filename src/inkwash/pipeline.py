@@ -25,8 +25,8 @@ from inkwash.core.schedule import NoiseSchedule
 from inkwash.core.sigmas import build_sigmas
 from inkwash.core.unet import UNet
 from inkwash.data.loading import load_folder, prepare_image, to_uint8, to_unit_range
-from inkwash.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
 from inkwash.errors import InkwashError
+from inkwash.interop.diffusers_folder import is_diffusers_folder, is_stable_diffusion_folder, load_diffusers_pipeline
 from inkwash.sampling.generate import SampleResult, generate
 from inkwash.sampling.img2img import strength_sigmas
 from inkwash.sampling.options import DEFAULT_PER_CLASS, DEFAULT_STEPS, SampleOptions, inference_device, sampler_options
@@ -70,6 +70,10 @@ def resolve_class(value: str, names: list[str]) -> int:
 
 def plan_labels(options: SampleOptions, names: list[str]) -> tuple[torch.Tensor | None, int]:
     """The (N,) class label of every image (None: unconditional) and the number of images N."""
+    guidance_scale = 1.0 if options.guidance_scale is None else options.guidance_scale
+    for flag, value in (("--prompt", options.prompt), ("--negative-prompt", options.negative_prompt)):
+        if value is not None:
+            raise InkwashError(f"{flag} needs a text-conditional model (a Stable Diffusion pipeline folder)")
     if options.per_class is not None and not options.grid_by_class:
         raise InkwashError("--per-class needs --grid-by-class")
     if not names:
@@ -77,7 +81,7 @@ def plan_labels(options: SampleOptions, names: list[str]) -> tuple[torch.Tensor 
             ("--class", options.class_label is not None),
             ("--negative-class", options.negative_class is not None),
             ("--grid-by-class", options.grid_by_class),
-            ("--guidance-scale", options.guidance_scale != 1.0),
+            ("--guidance-scale", guidance_scale != 1.0),
         ):
             if used:
                 raise InkwashError(f"{flag} needs a class-conditional checkpoint (train with --class-cond)")
@@ -92,7 +96,7 @@ def plan_labels(options: SampleOptions, names: list[str]) -> tuple[torch.Tensor 
     if options.class_label is None:
         if options.negative_class is not None:  # steer the unconditional model away from a class
             return torch.tensor([len(names)]), options.num_images
-        if options.guidance_scale != 1.0:
+        if guidance_scale != 1.0:
             raise InkwashError("--guidance-scale needs --class, --negative-class or --grid-by-class")
         return None, options.num_images
     if options.class_label == "all":
@@ -177,7 +181,10 @@ class SampleJob:
     num_images: int
     init: torch.Tensor | None  # (N or 1, C, H, W) in [-1, 1]
     mask: torch.Tensor | None  # (1, 1, H, W), 1 = generate
-    guidance_label: int | None = None  # the label guidance steers away from: the null label or a negative class
+    guidance_label: int | torch.Tensor | None = (
+        None  # what guidance steers away from: the null label or a negative class
+    )
+    guidance_scale: float = 1.0
 
     @property
     def steps_run(self) -> int:
@@ -225,16 +232,35 @@ class Pipeline:
         return self._compiled
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        use_ema: bool = True,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+    ) -> Pipeline:
         """Load a run folder (its newest complete checkpoint) or one checkpoint folder. ``use_ema`` picks
         the EMA weights (the default) or the raw ones; ``device`` is auto, cpu, cuda or a torch.device. A
-        diffusers ``DDPMPipeline`` / ``DDIMPipeline`` folder is loaded too (``use_ema`` does not apply)."""
+        diffusers ``DDPMPipeline`` / ``DDIMPipeline`` folder and a ``StableDiffusionPipeline`` folder are loaded
+        too (``use_ema`` does not apply). ``precision`` is the dtype a Stable Diffusion folder's weights are held
+        in: fp32, or fp16 / bf16 to halve their memory (an inkwash checkpoint keeps fp32 weights, and each call's
+        ``precision`` autocasts)."""
         placed = device if isinstance(device, torch.device) else inference_device(device, "fp32")
+        if is_stable_diffusion_folder(path):
+            from inkwash.interop.stable_diffusion import load_stable_diffusion
+
+            return load_stable_diffusion(path, placed, precision)
         if is_diffusers_folder(path):
             return load_diffusers_pipeline(path, placed)
         checkpoint = resolve_checkpoint(path)
         model, schedule, config = load_model(checkpoint, use_ema=use_ema)
         return cls(model, schedule, config, device=placed, checkpoint=checkpoint, use_ema=use_ema)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from the sampler's space: the identity here; a latent model decodes with its VAE.
+        The web UI's live preview shows ``decode(denoised)``."""
+        return x
 
     def __repr__(self) -> str:
         classes = f", {len(self.class_names)} classes" if self.class_names else ""
@@ -252,15 +278,14 @@ class Pipeline:
         info = check_request(options)
         given = sampler_options(info.id, eta=options.eta, variance=options.variance, s_churn=options.s_churn)
         labels, num_images = plan_labels(options, self.class_names)
+        _, height, width = self.image_shape
+        for flag, value, size in (("--width", options.width, width), ("--height", options.height, height)):
+            if value is not None and value != size:
+                raise InkwashError(f"{flag} {value} is not this model's size ({width}x{height}); only its own size")
         guidance_label = len(self.class_names) or None
         if options.negative_class is not None:
             guidance_label = resolve_class(options.negative_class, self.class_names)
-        steps = options.steps or DEFAULT_STEPS.get(info.id, 50)
-        if steps > self.schedule.num_steps:
-            raise InkwashError(f"--steps must be at most {self.schedule.num_steps}, got {steps}")
-        # A checkpoint's own default step schedule (a diffusers folder's timestep_spacing) before the sampler's.
-        schedule_name = options.schedule or self.config.get("sampling", {}).get("schedule") or info.default_schedule
-        sigmas = build_sigmas(self.schedule, steps, schedule_name, rho=options.rho)
+        steps, schedule_name, sigmas = self.step_schedule(options, info)
         init_image = options.init_image if init_image is None else init_image
         mask = options.mask if mask is None else mask
         init = mask_tensor = None
@@ -272,9 +297,41 @@ class Pipeline:
             if mask is not None:
                 mask_tensor = read_mask(mask, size, init_size, options.show_progress)
             sigmas = strength_sigmas(sigmas, options.strength)
+        scale = 1.0 if options.guidance_scale is None else options.guidance_scale
         return SampleJob(
-            options, info, schedule_name, steps, sigmas, given, labels, num_images, init, mask_tensor, guidance_label
+            options,
+            info,
+            schedule_name,
+            steps,
+            sigmas,
+            given,
+            labels,
+            num_images,
+            init,
+            mask_tensor,
+            guidance_label,
+            scale,
         )
+
+    def step_schedule(self, options: SampleOptions, info: SamplerInfo) -> tuple[int, str, torch.Tensor]:
+        """The steps, the step schedule's name and its sigmas. A checkpoint's own sampling defaults come before the
+        sampler's (a diffusers folder's ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``: see
+        ``inkwash.interop.diffusers_folder``)."""
+        steps = options.steps or DEFAULT_STEPS.get(info.id, 50)
+        if steps > self.schedule.num_steps:
+            raise InkwashError(f"--steps must be at most {self.schedule.num_steps}, got {steps}")
+        sampling = self.config.get("sampling", {})
+        schedule_name = options.schedule or sampling.get("schedule") or info.default_schedule
+        offset = int(sampling.get("steps_offset", 0)) if schedule_name == "leading" else 0
+        try:
+            sigmas = build_sigmas(self.schedule, steps, schedule_name, rho=options.rho, offset=offset)
+        except ValueError as exc:
+            raise InkwashError(str(exc)) from None
+        # diffusers' DDIM and PNDM with set_alpha_to_one false step last to alpha_bar[0], not to alpha_bar = 1.
+        sigma_min = self.schedule.sigmas[0]
+        if info.id in ("ddim", "plms") and not sampling.get("set_alpha_to_one", True) and sigmas[-2] > sigma_min:
+            sigmas = torch.cat([sigmas[:-1], sigma_min.reshape(1).to(sigmas.dtype)])
+        return steps, schedule_name, sigmas
 
     def run(
         self,
@@ -306,7 +363,7 @@ class Pipeline:
             init=job.init,
             mask=job.mask,
             labels=job.labels,
-            guidance_scale=options.guidance_scale,
+            guidance_scale=job.guidance_scale,
             null_label=job.guidance_label,
             clip_denoised=options.clip_denoised,
             device=self.device,

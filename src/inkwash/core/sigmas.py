@@ -31,13 +31,17 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def timesteps_for(schedule: NoiseSchedule, steps: int, spacing: str) -> torch.Tensor:
-    """Descending integer timesteps for the three spacings of Lin et al. 2023, Table 2."""
+def timesteps_for(schedule: NoiseSchedule, steps: int, spacing: str, offset: int = 0) -> torch.Tensor:
+    """Descending integer timesteps for the three spacings of Lin et al. 2023, Table 2. ``offset`` shifts the
+    "leading" timesteps up (diffusers' ``steps_offset``: Stable Diffusion's 1 gives 981, 961, ..., 1 for 50
+    steps); the other spacings ignore it, as diffusers' schedulers do."""
     T = schedule.num_steps
     if spacing == "uniform":  # "linspace": evenly spaced over [0, T-1], rounded
         t = torch.linspace(0, T - 1, steps, dtype=torch.float64).round()
     elif spacing == "leading":  # multiples of T // steps, starting at 0
-        t = torch.arange(steps, dtype=torch.float64) * (T // steps)
+        t = torch.arange(steps, dtype=torch.float64) * (T // steps) + offset
+        if t[-1] > T - 1:
+            raise ValueError(f"{steps} leading steps with offset {offset} pass the last timestep {T - 1}")
     elif spacing == "trailing":  # counted back from T, so the first step is always T-1
         t = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).flip(0)
     else:
@@ -53,15 +57,17 @@ def build_sigmas(
     rho: float = 7.0,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """A (steps + 1,) descending float64 sigma tensor ending in 0 for the named step schedule."""
+    """A (steps + 1,) descending float64 sigma tensor ending in 0 for the named step schedule; ``offset`` is
+    the "leading" spacing's timestep offset (``timesteps_for``)."""
     if kind not in STEP_SCHEDULES:
         raise ValueError(f"unknown step schedule {kind!r}; choose from {', '.join(STEP_SCHEDULES)}")
     T = schedule.num_steps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and {T}, got {steps}")
     if kind in ("uniform", "leading", "trailing"):
-        return _append_zero(schedule.sigmas[timesteps_for(schedule, steps, kind)])
+        return _append_zero(schedule.sigmas[timesteps_for(schedule, steps, kind, offset)])
     lo = schedule.sigma_min if sigma_min is None else sigma_min
     hi = schedule.sigma_max if sigma_max is None else sigma_max
     if steps == 1:

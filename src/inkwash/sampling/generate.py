@@ -86,8 +86,9 @@ def generate(
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    null_label: int | None = None,
+    null_label: int | torch.Tensor | None = None,
     clip_denoised: bool = False,
+    output_range: float | None = 1.0,
     precision: str = "fp32",
     subseed: int | None = None,
     subseed_strength: float = 0.0,
@@ -106,6 +107,9 @@ def generate(
     (``UNetConfig.num_classes``). ``clip_denoised`` clips each denoised estimate to [-1, 1] after
     guidance, as diffusers' ``clip_sample`` and Imagen's static thresholding do. DDIM steps along the
     network's own noise estimate from the clipped x0, as diffusers' DDIM does (``sample_ddim``'s ``clip_range``).
+    The result is clamped to [-output_range, output_range] (None: not at all, for latents). A schedule that ends
+    above sigma 0 (DDIM with ``set_alpha_to_one`` false) returns the variance-preserving state there,
+    x / sqrt(1 + sigma^2), as diffusers' schedulers do.
 
     ``device`` is where the images are sampled (the network must already be there); ``precision``
     ``bf16`` or ``fp16`` autocasts the network's calls (``denoiser.PlacedDenoiser``), while the
@@ -192,7 +196,11 @@ def generate(
         if isinstance(batch_denoiser, InpaintDenoiser):
             out = batch_denoiser.finish(out)
         nfe = (counter.rows - rows_before) // count
-        out = out.clamp(-1, 1).cpu()
+        if float(sigmas[-1]) > 0 and not interrupted:
+            out = out / math.sqrt(1.0 + float(sigmas[-1]) ** 2)
+        if output_range is not None:
+            out = out.clamp(-output_range, output_range)
+        out = out.cpu()
         if on_batch is not None:
             on_batch(start, out)
         chunks.append(out)

@@ -2,7 +2,9 @@
 
 Class labels reach the denoiser through the samplers' ``cond`` argument, as a (B,) integer tensor.
 The "no class" token is the explicit index ``null_label`` (``UNetConfig.num_classes``), the label the
-trainer's label dropout substitutes, so conditional and unconditional rows can share one batch.
+trainer's label dropout substitutes, so conditional and unconditional rows can share one batch. A text-
+conditional model's ``cond`` is instead a (B, L, D) tensor of prompt embeddings, and its ``null_label`` the
+(1, L, D) embedding of the negative (or empty) prompt.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ class GuidedDenoiser:
     gives the unconditional denoiser.
     """
 
-    def __init__(self, denoiser: Denoiser, scale: float, null_label: int) -> None:
+    def __init__(self, denoiser: Denoiser, scale: float, null_label: int | torch.Tensor) -> None:
         if not scale >= 0.0:
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
-        self.denoiser, self.scale, self.null_label = denoiser, float(scale), int(null_label)
+        self.denoiser, self.scale = denoiser, float(scale)
+        self.null_label = null_label if isinstance(null_label, torch.Tensor) else int(null_label)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None or self.scale == 1.0:
             return self.denoiser(x, sigma, cond)
-        null = torch.full_like(cond, self.null_label)  # (B,)
+        if isinstance(self.null_label, torch.Tensor):  # prompt embeddings: (1, L, D) -> (B, L, D)
+            null = self.null_label.to(device=cond.device, dtype=cond.dtype).expand_as(cond)
+        else:
+            null = torch.full_like(cond, self.null_label)  # (B,)
         if self.scale == 0.0:
             return self.denoiser(x, sigma, null)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])

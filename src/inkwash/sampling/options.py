@@ -101,12 +101,22 @@ class SampleOptions:
         "in classifier-free guidance); needs --guidance-scale other than 1",
         metavar="CLASS",
     )
-    guidance_scale: float = option(
-        1.0,
-        "classifier-free guidance weight w: 0 unconditional, 1 conditional, > 1 stronger; any other w "
-        "doubles the model evaluations",
+    guidance_scale: float | None = option(
+        None,
+        "classifier-free guidance weight w: 0 unconditional, 1 conditional, > 1 stronger; any other w doubles "
+        "the model evaluations (default: 1 for class-conditional models, 7.5 for Stable Diffusion)",
         minimum=0,
     )
+    prompt: str | None = option(None, "Stable Diffusion folders: the text prompt")
+    negative_prompt: str | None = option(
+        None, "Stable Diffusion folders: guidance steers away from this prompt (it replaces the empty prompt)"
+    )
+    width: int | None = option(
+        None,
+        "Stable Diffusion folders: image width, a multiple of 8 (default: the model's, or the init image's)",
+        minimum=8,
+    )
+    height: int | None = option(None, "Stable Diffusion folders: image height, a multiple of 8", minimum=8)
     grid_by_class: bool = option(
         False,
         "sample every class: grid.png gets one labelled row of --per-class images per class (replaces --num-images)",

@@ -7,19 +7,19 @@ The folder's ``unet/`` becomes the network (a ``diffusers.UNet2DModel``, read fr
 scheduler: its training timesteps, betas and prediction type. A field that cannot be mapped exactly raises an
 ``InkwashError``; nothing is approximated.
 
-Of the scheduler's sampling settings, ``timestep_spacing``, ``clip_sample``, ``clip_sample_range`` and
-``steps_offset`` are recorded under ``config["sampling"]`` and two of them become the folder's defaults (a
-``schedule`` or ``clip_denoised`` given per call wins): ``timestep_spacing`` is the default step schedule of
-every sampler ("leading", "trailing", "linspace" -> "uniform"), and ``clip_denoised`` defaults to
-``clip_sample`` when ``clip_sample_range`` is 1 (inkwash clips to [-1, 1] only; with another range it defaults
-to no clipping). ``steps_offset`` is recorded but not applied: inkwash's schedules have no offset. Others
-(``variance_type`` "fixed_*", ``set_alpha_to_one``, ...) are not read. diffusers is imported only when such a
-folder is loaded.
+Of the scheduler's sampling settings, ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``,
+``clip_sample`` and ``clip_sample_range`` are recorded under ``config["sampling"]`` and become the folder's
+defaults, read by ``Pipeline.prepare`` (a ``schedule`` or ``clip_denoised`` given per call wins):
+``timestep_spacing`` is the default step schedule of every sampler ("leading", "trailing", "linspace" ->
+"uniform"); ``steps_offset`` shifts the "leading" timesteps, as diffusers does; ``set_alpha_to_one`` false makes
+DDIM's and PLMS's last step land on alpha_bar[0] (sigma_min) rather than on sigma 0, as diffusers' DDIM and PNDM
+do; and ``clip_denoised`` defaults to ``clip_sample`` when ``clip_sample_range`` is 1 (inkwash clips to [-1, 1]
+only; with another range it defaults to no clipping). Others (``variance_type`` "fixed_*", ...) are not read.
+diffusers is imported only when such a folder is loaded.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -54,6 +54,18 @@ SPACINGS = {"leading": "leading", "trailing": "trailing", "linspace": "uniform"}
 def is_diffusers_folder(path: str | Path) -> bool:
     """Whether ``path`` is a folder written by a diffusers pipeline's ``save_pretrained``."""
     return (Path(path) / INDEX_FILE).is_file()
+
+
+def is_stable_diffusion_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a diffusers folder of a Stable Diffusion pipeline (``inkwash.interop.stable_diffusion``)."""
+    index = Path(path) / INDEX_FILE
+    if not index.is_file():
+        return False
+    try:
+        kind = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return isinstance(kind, str) and kind.startswith("StableDiffusion")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -108,13 +120,16 @@ def schedule_from_config(config: dict, where: str) -> tuple[NoiseSchedule, str]:
 
 def sampling_from_config(config: dict, where: str) -> dict:
     """The scheduler's sampling settings that a folder records: ``timestep_spacing``, ``steps_offset``,
-    ``clip_sample`` and ``clip_sample_range`` (diffusers' DDPMScheduler defaults where absent), with the
-    ``schedule`` and ``clip_denoised`` defaults they give."""
+    ``set_alpha_to_one``, ``clip_sample`` and ``clip_sample_range`` (diffusers' DDPMScheduler defaults where
+    absent), with the ``schedule`` and ``clip_denoised`` defaults they give."""
     spacing = _choice(config, "timestep_spacing", "leading", SPACINGS, where)
     offset = config.get("steps_offset", 0)
     if not isinstance(offset, int) or offset < 0:
         raise InkwashError(f"{where}: scheduler field steps_offset={offset!r} must be an integer >= 0")
     clip, clip_range = config.get("clip_sample", True), config.get("clip_sample_range", 1.0)
+    alpha_to_one = config.get("set_alpha_to_one", True)
+    if not isinstance(alpha_to_one, bool):
+        raise InkwashError(f"{where}: scheduler field set_alpha_to_one={alpha_to_one!r} must be true or false")
     if not isinstance(clip, bool):
         raise InkwashError(f"{where}: scheduler field clip_sample={clip!r} must be true or false")
     if not isinstance(clip_range, (int, float)) or not math.isfinite(clip_range) or clip_range <= 0:
@@ -122,6 +137,7 @@ def sampling_from_config(config: dict, where: str) -> dict:
     return {
         "timestep_spacing": spacing,
         "steps_offset": offset,
+        "set_alpha_to_one": alpha_to_one,
         "clip_sample": clip,
         "clip_sample_range": float(clip_range),
         "schedule": SPACINGS[spacing],
@@ -129,7 +145,6 @@ def sampling_from_config(config: dict, where: str) -> dict:
     }
 
 
-@functools.cache
 class DiffusersUNet(nn.Module):
     """A ``diffusers.UNet2DModel`` as an inkwash network ``network(x_vp, t, cond) -> output``; ``t`` is the
     (possibly fractional) float timestep, which its sinusoidal timestep embedding takes as it is."""
