@@ -98,13 +98,20 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> str:
     return f"{type(optimizer).__name__} (fused={fused}, foreach={foreach})"
 
 
-def inkwash_train_step(model, optimizer, batch_size, shape, schedule, precision="fp32", device=CPU):
+def inkwash_train_step(model, optimizer, batch_size, shape, schedule, precision="fp32", device=CPU, compiled=False):
     """One step of inkwash's own trainer: diffusion_loss under its precision context, the optimizer,
-    gradient clipping (train.py's ``_accumulate`` and step, without the EMA and the logging)."""
+    gradient clipping (train.py's ``_accumulate`` and step, without the EMA and the logging).
+
+    ``compiled``: the model is under torch.compile, whose "reduce-overhead" mode replays CUDA graphs (cudagraph
+    trees); each step then starts with ``torch.compiler.cudagraph_mark_step_begin()``, which tells it that the
+    previous step's outputs (its loss, its gradients, already consumed) may be overwritten. Elsewhere it is a
+    no-op."""
     generator = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch_size, *shape, generator=generator, device=device) * 2 - 1  # (B, C, H, W)
 
     def step():
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
         model.train()
         with precision_context(precision, device):
             loss = diffusion_loss(model, schedule, x0, generator)
@@ -138,12 +145,16 @@ def diffusers_train_step(model, optimizer, batch_size, shape, device=CPU):
     return step
 
 
-def inkwash_sampler(model, schedule, batch_size, shape, steps, precision="fp32", device=CPU):
-    """DDIM with every denoiser call (the network forward) under the precision context."""
+def inkwash_sampler(model, schedule, batch_size, shape, steps, precision="fp32", device=CPU, compiled=False):
+    """DDIM with every denoiser call (the network forward) under the precision context. ``compiled``: each
+    network call starts a new cudagraph-trees step (see ``inkwash_train_step``); the denoiser turns the network's
+    output into a new tensor at once, so no step reads a replayed graph's output after the next replay."""
     denoiser = ModelDenoiser(model, schedule)
     sigmas = build_sigmas(schedule, steps, "leading")
 
     def mixed_precision_denoiser(x, sigma, cond=None):
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
         with precision_context(precision, device):
             return denoiser(x, sigma, cond)
 
@@ -225,12 +236,73 @@ def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | Non
     return (_rss_kib("VmHWM") - before) / 1024
 
 
-def precision_variants(compile_too: bool) -> list[tuple[str, str, bool]]:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def precision_variants(
+    compile_too: bool, compiled_precisions: tuple[str, ...] = ("fp32", "bf16")
+) -> list[tuple[str, str, bool]]:
     """(name, precision, compiled) for each inkwash variant; the first is the fp32 baseline."""
     variants = [("fp32", "fp32", False), ("bf16", "bf16", False)]
     if compile_too:
-        variants += [("fp32 compiled", "fp32", True), ("bf16 compiled", "bf16", True)]
+        variants += [(f"{p} compiled", p, True) for p in ("fp32", "bf16") if p in compiled_precisions]
     return variants
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``torch.compile`` in the given mode: "default", "reduce-overhead" (CUDA graphs; on a CPU, inductor
+    alone), "max-autotune-no-cudagraphs" or "max-autotune"."""
+    return torch.compile(model) if mode == "default" else torch.compile(model, mode=mode)
+
+
+def model_flops(model: torch.nn.Module, shape: tuple[int, ...], batch: int = 2, inkwash_model: bool = True) -> dict:
+    """FLOPs per image of one forward and of one training step (forward and backward), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention: the work a GPU's tensor
+    cores do; elementwise work and the optimizer are not counted) on a copy of the model on the meta device
+    (shapes only, no arithmetic), at a small batch. Attention runs through SDPA's math backend there, so that
+    diffusers' fused attention is counted as inkwash's matmuls are. The training step is the network's part of
+    diffusion_loss: the forward on noised images at random timesteps, an MSE loss, the backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = torch.device("meta")
+    model = copy.deepcopy(model).to(meta)
+    x = torch.randn(batch, *shape, device=meta)
+    t = torch.linspace(1, 999, batch, device=meta)
+
+    def forward():
+        return model(x, t) if inkwash_model else model(x, t).sample
+
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward()
+    forward_flops = counter.get_total_flops()
+    model.train()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        F.mse_loss(forward(), torch.zeros_like(x)).backward()
+    train_flops = counter.get_total_flops()
+    return {
+        "forward_per_image": forward_flops / batch,
+        "train_step_per_image": train_flops / batch,
+        "counted_at_batch": batch,
+    }
+
+
+def flops_rates(rate_train: float | None, rate_sample: float | None, flops: dict, sample_steps: int,
+                peak_tflops: float | None) -> dict:  # fmt: skip
+    """Achieved TFLOP/s of training and sampling (images/s times the counted FLOPs per image; sampling makes one
+    forward per step), and their fraction of ``peak_tflops`` (model FLOPs utilization, "MFU")."""
+    out: dict = {}
+    for kind, rate, per_image in (
+        ("train", rate_train, flops["train_step_per_image"]),
+        ("sample", rate_sample, flops["forward_per_image"] * sample_steps),
+    ):
+        if rate is None:
+            continue
+        out[f"{kind}_tflops"] = rate * per_image / 1e12
+        if peak_tflops:
+            out[f"{kind}_mfu"] = out[f"{kind}_tflops"] / peak_tflops
+    return out
 
 
 MEMORY_TASKS = ("inkwash_train", "inkwash_sample", "diffusers_train", "diffusers_sample")
@@ -295,6 +367,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision-only", action="store_true", help="only inkwash fp32 against bf16; no diffusers")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--compile", action="store_true", help="also time the network under torch.compile")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile's mode for --compile; reduce-overhead replays CUDA graphs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile-precisions",
+        default="fp32,bf16",
+        help="the precisions that get a compiled variant with --compile (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the chip's peak (e.g. its measured bf16 matmul TFLOP/s): reports each variant's fraction of it (MFU)",
+    )
+    parser.add_argument("--no-flops", action="store_true", help="skip counting the model's FLOPs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument(
         "--memory-batch-sizes",
@@ -308,11 +398,28 @@ def parse_args() -> argparse.Namespace:
         parser.error("--batch-size, --train-steps, --sample-steps and --rounds must be at least 1")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    args.compile_precisions = tuple(p.strip() for p in args.compile_precisions.split(",") if p.strip())
+    if not set(args.compile_precisions) <= {"fp32", "bf16"} or not args.compile_precisions:
+        parser.error("--compile-precisions takes fp32 and/or bf16, separated by a comma")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but PyTorch sees no GPU")
     if args.device == "cuda" and not torch.cuda.is_bf16_supported():
         parser.error("--device cuda: this GPU has no bf16 support")
     return args
+
+
+class Interrupted(Exception):
+    """SIGTERM (a time limit): stop timing, report and write what was measured."""
+
+
+def _on_term(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
 
 
 def main() -> None:
@@ -322,6 +429,9 @@ def main() -> None:
         task, size = args.memory_probe.split(":")
         print(memory_probe(args, task, int(size)))
         return
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_term)
     device = torch.device(args.device)
     torch.manual_seed(0)
     config = preset(args.preset)
@@ -330,55 +440,7 @@ def main() -> None:
     schedule = NoiseSchedule()
     shape = (config.in_channels, config.image_size, config.image_size)
     b = args.batch_size
-
-    # Every task gets its own copy of the same initial weights (and its own optimizer), so no variant
-    # trains or samples another's network. Tasks run in this order within every round.
-    tasks: dict[tuple[str, str], tuple[Callable[[], None], int]] = {}
-    optimizers = {}
-    for name, precision, compiled in precision_variants(args.compile):
-        train_model, sample_model = (copy.deepcopy(ours).to(device) for _ in range(2))
-        optimizers[name] = make_optimizer(train_model, lr=1e-4)  # before compiling: the same parameters
-        if compiled:  # sampling as `inkwash sample --compile` runs it: a channels_last copy on a CPU
-            if device.type == "cpu":
-                sample_model = sample_model.to(memory_format=torch.channels_last)
-            train_model, sample_model = torch.compile(train_model), torch.compile(sample_model)
-        tasks["train", name] = (
-            inkwash_train_step(train_model, optimizers[name], b, shape, schedule, precision, device),
-            args.train_steps,
-        )
-        tasks["sample", name] = (
-            inkwash_sampler(sample_model, schedule, b, shape, args.sample_steps, precision, device),
-            1,
-        )
-    n_theirs = None
-    if not args.precision_only:
-        theirs = diffusers_twin(config, resnet_time_scale_shift="scale_shift")
-        n_theirs = count_parameters(theirs)
-        mismatch = parameter_mismatch(n_ours, n_theirs)
-        if mismatch is not None:
-            raise SystemExit(f"throughput.py: preset {args.preset}: {mismatch}")
-        sample_theirs = copy.deepcopy(theirs).to(device)
-        theirs = theirs.to(device)
-        optimizers["diffusers"] = make_optimizer(theirs, lr=1e-4)
-        ours_settings, theirs_settings = (optimizer_settings(optimizers[k]) for k in ("fp32", "diffusers"))
-        if ours_settings != theirs_settings:
-            raise SystemExit(
-                f"throughput.py: the optimizers differ: inkwash {ours_settings}, diffusers {theirs_settings}"
-            )
-        tasks["train", "diffusers"] = (
-            diffusers_train_step(theirs, optimizers["diffusers"], b, shape, device),
-            args.train_steps,
-        )
-        tasks["sample", "diffusers"] = (diffusers_sampler(sample_theirs, b, shape, args.sample_steps, device), 1)
-
-    for fn, _ in tasks.values():  # warm-up (and compilation)
-        fn()
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in tasks}
-    for _ in range(args.rounds):
-        for key, (fn, repeats) in tasks.items():
-            times[key].append(timed(fn, repeats, device))
-    rate = {key: b / statistics.median(values) for key, values in times.items()}
-
+    variants = precision_variants(args.compile, args.compile_precisions)
     threads = torch.get_num_threads()
     result: dict = {
         "preset": args.preset,
@@ -386,13 +448,118 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": threads,
         "rounds": args.rounds,
+        "train_steps": args.train_steps,
         "sample_steps": args.sample_steps,
-        "optimizer": optimizer_settings(optimizers["fp32"]),
+        "compile_mode": args.compile_mode if args.compile else None,
+        "peak_tflops": args.peak_tflops,
+        "complete": False,
     }
+
+    try:
+        if not args.no_flops:  # counted before anything is timed: cheap, and reported even when cut short
+            try:
+                flops = {"inkwash": model_flops(ours, shape)}
+            except Exception as error:  # a measurement of its own: never stops the timing
+                flops = {}
+                result["flops_error"] = f"{type(error).__name__}: {error}"[:300]
+                print(f"throughput.py: counting FLOPs failed: {result['flops_error']}", flush=True)
+            if flops:
+                result["flops"] = flops
+                print(
+                    f"FLOPs per image (FlopCounterMode): inkwash forward "
+                    f"{flops['inkwash']['forward_per_image'] / 1e9:.3f} G, "
+                    f"training step {flops['inkwash']['train_step_per_image'] / 1e9:.3f} G",
+                    flush=True,
+                )
+            write_json(result, args.json)
+
+        # Every task gets its own copy of the same initial weights (and its own optimizer), so no variant
+        # trains or samples another's network. Tasks run in this order within every round.
+        tasks: dict[tuple[str, str], tuple[Callable[[], None], int]] = {}
+        optimizers = {}
+        for name, precision, compiled in variants:
+            train_model, sample_model = (copy.deepcopy(ours).to(device) for _ in range(2))
+            optimizers[name] = make_optimizer(train_model, lr=1e-4)  # before compiling: the same parameters
+            if compiled:  # sampling as `inkwash sample --compile` runs it: a channels_last copy on a CPU
+                if device.type == "cpu":
+                    sample_model = sample_model.to(memory_format=torch.channels_last)
+                train_model = compile_model(train_model, args.compile_mode)
+                sample_model = compile_model(sample_model, args.compile_mode)
+            tasks["train", name] = (
+                inkwash_train_step(train_model, optimizers[name], b, shape, schedule, precision, device, compiled),
+                args.train_steps,
+            )
+            tasks["sample", name] = (
+                inkwash_sampler(sample_model, schedule, b, shape, args.sample_steps, precision, device, compiled),
+                1,
+            )
+        n_theirs = None
+        if not args.precision_only:
+            theirs = diffusers_twin(config, resnet_time_scale_shift="scale_shift")
+            n_theirs = count_parameters(theirs)
+            mismatch = parameter_mismatch(n_ours, n_theirs)
+            if mismatch is not None:
+                raise SystemExit(f"throughput.py: preset {args.preset}: {mismatch}")
+            if "flops" in result:
+                try:
+                    result["flops"]["diffusers"] = model_flops(theirs, shape, inkwash_model=False)
+                except Exception as error:
+                    result["flops_error"] = f"diffusers: {type(error).__name__}: {error}"[:300]
+            sample_theirs = copy.deepcopy(theirs).to(device)
+            theirs = theirs.to(device)
+            optimizers["diffusers"] = make_optimizer(theirs, lr=1e-4)
+            ours_settings, theirs_settings = (optimizer_settings(optimizers[k]) for k in ("fp32", "diffusers"))
+            if ours_settings != theirs_settings:
+                raise SystemExit(
+                    f"throughput.py: the optimizers differ: inkwash {ours_settings}, diffusers {theirs_settings}"
+                )
+            tasks["train", "diffusers"] = (
+                diffusers_train_step(theirs, optimizers["diffusers"], b, shape, device),
+                args.train_steps,
+            )
+            tasks["sample", "diffusers"] = (diffusers_sampler(sample_theirs, b, shape, args.sample_steps, device), 1)
+        result["optimizer"] = optimizer_settings(optimizers["fp32"])
+        if n_theirs is not None:
+            result["parameters"] = {"inkwash": n_ours, "diffusers": n_theirs, "ratio": n_ours / n_theirs}
+
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in tasks}
+        warmup: dict[str, float] = {}
+        result["warmup_seconds"] = warmup  # the first call of each task, compilation included
+        try:
+            for key, (fn, _) in tasks.items():  # warm-up (and compilation)
+                warmup[" ".join(key)] = round(timed(fn, 1, device), 3)
+            for _ in range(args.rounds):
+                for key, (fn, repeats) in tasks.items():
+                    times[key].append(timed(fn, repeats, device))
+        except Interrupted as stop:
+            result["interrupted"] = f"{stop} during the timing; the medians are of the rounds that finished"
+            print(f"throughput.py: {result['interrupted']}", flush=True)
+        report(args, result, times, variants, n_ours, n_theirs)
+        if "interrupted" not in result:
+            memory_sizes = [int(size) for size in args.memory_batch_sizes.split(",") if size.strip()]
+            if memory_sizes:
+                result["peak_memory_mib"] = measure_memory(args, memory_sizes)
+            result["complete"] = True
+    except Interrupted as stop:
+        result["interrupted"] = str(stop)
+        print(f"throughput.py: interrupted ({stop}); writing what was measured", flush=True)
+    finally:
+        write_json(result, args.json)
+    if "interrupted" in result:
+        raise SystemExit(124)
+
+
+def report(args, result: dict, times: dict, variants, n_ours: int, n_theirs: int | None) -> None:
+    """Medians, images/s, the ratios, FLOP/s and MFU from the rounds timed (all of them, or those that
+    finished before a time limit), printed and put in ``result``."""
+    b = args.batch_size
+    rate = {key: b / statistics.median(values) for key, values in times.items() if values}
+    device = torch.device(args.device)
+    threads = result["threads"]
     where = result["device"] if device.type == "cuda" else f"cpu, {threads} threads"
     print(f"preset {args.preset}, batch {b}, {where}, {args.rounds} interleaved rounds (medians)")
-    if n_theirs is not None:
-        result["parameters"] = {"inkwash": n_ours, "diffusers": n_theirs, "ratio": n_ours / n_theirs}
+    diffusers_timed = n_theirs is not None and ("train", "diffusers") in rate and ("train", "fp32") in rate
+    if diffusers_timed:
         result["train_images_per_sec"] = {"inkwash": rate["train", "fp32"], "diffusers": rate["train", "diffusers"]}
         result["sample_images_per_sec"] = {"inkwash": rate["sample", "fp32"], "diffusers": rate["sample", "diffusers"]}
         for kind in ("train", "sample"):
@@ -409,22 +576,39 @@ def main() -> None:
             )
         print()
 
+    flops = result.get("flops", {})
+    peak = args.peak_tflops
     result["precision"] = {}
-    print(f"inkwash ({n_ours:,} parameters); img/s, and the ratio to fp32 (> 1 is faster)")
-    print(f"{'':14s} {'train':>9s} {'vs fp32':>8s} {'sample':>9s} {'vs fp32':>8s}")
-    for name, _, _ in precision_variants(args.compile):
-        entry = {
-            "train_images_per_sec": rate["train", name],
-            "sample_images_per_sec": rate["sample", name],
-            "train_vs_fp32": rate["train", name] / rate["train", "fp32"],
-            "sample_vs_fp32": rate["sample", name] / rate["sample", "fp32"],
-        }
+    mode = f", compile mode {args.compile_mode}" if args.compile else ""
+    print(f"inkwash ({n_ours:,} parameters{mode}); img/s, and the ratio to fp32 (> 1 is faster)")
+    flop_head = f" {'train TF/s':>10s} {'sample TF/s':>11s}" + (
+        f" {'train MFU':>9s} {'sample MFU':>10s}" if peak else ""
+    )
+    print(f"{'':14s} {'train':>9s} {'vs fp32':>8s} {'sample':>9s} {'vs fp32':>8s}" + (flop_head if flops else ""))
+    base_train, base_sample = rate.get(("train", "fp32")), rate.get(("sample", "fp32"))
+    for name, _, _ in variants:
+        train, sample = rate.get(("train", name)), rate.get(("sample", name))
+        if train is None and sample is None:
+            continue
+        entry = {"train_images_per_sec": train, "sample_images_per_sec": sample}
+        entry["train_vs_fp32"] = train / base_train if train and base_train else None
+        entry["sample_vs_fp32"] = sample / base_sample if sample and base_sample else None
+        if "inkwash" in flops:
+            entry.update(flops_rates(train, sample, flops["inkwash"], args.sample_steps, peak))
         result["precision"][name] = entry
-        print(
-            f"{name:14s} {entry['train_images_per_sec']:9.1f} {entry['train_vs_fp32']:8.2f} "
-            f"{entry['sample_images_per_sec']:9.1f} {entry['sample_vs_fp32']:8.2f}"
-        )
+        cells = _flop_cells(entry, peak) if flops else ""
+        print(f"{name:14s} {_f(train, 9, 1)} {_f(entry['train_vs_fp32'], 8, 2)} "
+              f"{_f(sample, 9, 1)} {_f(entry['sample_vs_fp32'], 8, 2)}{cells}")  # fmt: skip
+    if "diffusers" in flops and (("train", "diffusers") in rate or ("sample", "diffusers") in rate):
+        entry = flops_rates(rate.get(("train", "diffusers")), rate.get(("sample", "diffusers")), flops["diffusers"],
+                            args.sample_steps, peak)  # fmt: skip
+        result["diffusers_flops_rates"] = entry
+        print(f"{'diffusers fp32':14s} {_f(rate.get(('train', 'diffusers')), 9, 1)} {'':8s} "
+              f"{_f(rate.get(('sample', 'diffusers')), 9, 1)} {'':8s}" + _flop_cells(entry, peak))  # fmt: skip
     print(f"(sample: {args.sample_steps}-step DDIM; train: {args.train_steps} steps per round)")
+    if flops:
+        peak_text = f"; MFU: the fraction of {peak:.4g} TFLOP/s" if peak else ""
+        print(f"(TF/s: the FLOPs FlopCounterMode counts per image times images/s{peak_text})")
 
     # inkwash as a user gets it on this machine: --precision auto (bf16 where the CPU has bf16 instructions).
     default = resolve_precision("auto", device)
@@ -433,17 +617,23 @@ def main() -> None:
     print(f"\nmachine: {result['machine']}; inkwash's default precision here: {default}")
     if n_theirs is not None:
         result["defaults_vs_diffusers"] = {}
-        for name in [default] + ([f"{default} compiled"] if args.compile else []):
-            ratios = {kind: rate[kind, name] / rate[kind, "diffusers"] for kind in ("train", "sample")}
-            result["defaults_vs_diffusers"][name] = ratios
-            print(f"inkwash {name} / diffusers fp32: train {ratios['train']:.2f}x, sample {ratios['sample']:.2f}x")
+        candidates = [default] + [name for name, _, compiled in variants if compiled]
+        for name in dict.fromkeys(candidates):
+            if all((kind, name) in rate and (kind, "diffusers") in rate for kind in ("train", "sample")):
+                ratios = {kind: rate[kind, name] / rate[kind, "diffusers"] for kind in ("train", "sample")}
+                result["defaults_vs_diffusers"][name] = ratios
+                print(f"inkwash {name} / diffusers fp32: train {ratios['train']:.2f}x, sample {ratios['sample']:.2f}x")
 
-    memory_sizes = [int(size) for size in args.memory_batch_sizes.split(",") if size.strip()]
-    if memory_sizes:
-        result["peak_memory_mib"] = measure_memory(args, memory_sizes)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+
+def _f(value: float | None, width: int, digits: int) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}s}"
+
+
+def _flop_cells(entry: dict, peak: float | None) -> str:
+    cells = f" {_f(entry.get('train_tflops'), 10, 3)} {_f(entry.get('sample_tflops'), 11, 3)}"
+    if peak:
+        cells += f" {_f(entry.get('train_mfu'), 9, 3)} {_f(entry.get('sample_mfu'), 10, 3)}"
+    return cells
 
 
 if __name__ == "__main__":

@@ -197,7 +197,10 @@ class Pipeline:
     Public attributes: ``denoiser`` (the ``D(x, sigma, cond=None) -> x0_hat`` contract that every sampler
     calls), ``schedule`` (the ``NoiseSchedule``), ``config`` (the checkpoint's config.json), ``class_names``
     (empty for an unconditional model), ``model`` (the ``UNet``), ``device`` and ``image_shape`` (C, H, W).
+    ``text_conditional`` is True for a model that takes a text prompt (``inkwash.interop.stable_diffusion``).
     """
+
+    text_conditional = False
 
     def __init__(
         self,

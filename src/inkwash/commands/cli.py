@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inkwash.commands.export import ExportOptions, cmd_export
 from inkwash.core.schedule import BETA_SCHEDULES
 from inkwash.errors import InkwashError
 from inkwash.evaluation.report import EvalOptions
@@ -302,6 +303,15 @@ COMMANDS = {
         ),
         cmd_serve,
         ServeOptions,
+    ),
+    "export": Command(
+        "write a trained run as a diffusers DDPMPipeline folder",
+        "Write a run's checkpoint as a diffusers DDPMPipeline folder (model_index.json, unet/ in safetensors, "
+        "scheduler/) that DDPMPipeline.from_pretrained samples from and inkwash.load reads back. A network or "
+        "schedule that diffusers cannot hold exactly is refused, naming the reason.",
+        ("inkwash export --checkpoint runs/digits --diffusers digits_ddpm",),
+        cmd_export,
+        ExportOptions,
     ),
     "demo": Command(
         "train on digits, sample, and write every picture",
