@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inkwash.errors import InkwashError
 from inkwash.serve.config import ServeOptions
-from inkwash.serve.generation import plan_request, preview_png, run_plan
+from inkwash.serve.generation import PreviewCache, plan_request, run_plan
 from inkwash.serve.models import ModelStore, find_models
 from inkwash.serve.requests import (
     GenerationResponse,
@@ -171,6 +171,7 @@ def create_app(options: ServeOptions) -> FastAPI:
     options.validate()
     store = ModelStore(find_models(options.checkpoint, options.models), device=options.device)
     worker = Worker(options.queue_size)
+    previews = PreviewCache()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -259,9 +260,11 @@ def create_app(options: ServeOptions) -> FastAPI:
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["WebUI API"])
     async def progress(skip_current_image: bool = False) -> dict:
         snapshot = worker.progress.snapshot()
-        preview = snapshot.pop("preview")
+        preview, decode, key = snapshot.pop("preview"), snapshot.pop("decode"), snapshot.pop("preview_key")
         state = snapshot["state"]
-        snapshot["current_image"] = None if skip_current_image else await run_in_threadpool(preview_png, preview)
+        snapshot["current_image"] = (
+            None if skip_current_image else await run_in_threadpool(previews.png, preview, decode, key)
+        )
         snapshot["textinfo"] = (
             f"Sampling step {state['sampling_step']}/{state['sampling_steps']}" if state["job"] else None
         )
@@ -288,7 +291,8 @@ def create_app(options: ServeOptions) -> FastAPI:
 
     @app.get("/inkwash/v1/model", tags=["inkwash"])
     async def model_info(name: str | None = None) -> dict:
-        """What the page needs to know of a model: its size, classes, limits and default steps."""
+        """What the page needs to know of a model: its size (a text-conditional model's default size), classes,
+        whether it takes a text prompt, limits and default steps."""
         try:
             entry = store.entry(name)
         except KeyError as exc:
@@ -303,7 +307,11 @@ def create_app(options: ServeOptions) -> FastAPI:
             "height": height,
             "channels": channels,
             "classes": entry.classes,
-            "max_steps": min(options.max_steps, int(entry.config.get("schedule", {}).get("num_steps", 1000))),
+            "kind": entry.kind,
+            "text_conditional": entry.text_conditional,
+            "size_multiple": entry.size_multiple if entry.text_conditional else None,
+            "max_pixels": options.max_pixels if entry.text_conditional else None,
+            "max_steps": min(options.max_steps, entry.num_steps),
             "max_batch_size": options.max_batch_size,
             "max_images": options.max_images,
             "default_steps": {info.display_name: DEFAULT_STEPS.get(info.id, 20) for info in SAMPLERS.values()},

@@ -15,9 +15,13 @@ LOOPBACK = "127.0.0.1"
 
 @dataclass
 class ServeOptions:
-    checkpoint: str | None = option(None, "a run folder to serve (its newest checkpoint)", metavar="RUN")
+    checkpoint: str | None = option(
+        None, "a run folder to serve (its newest checkpoint), or a diffusers / Stable Diffusion folder", metavar="RUN"
+    )
     models: str | None = option(
-        None, "offer every run folder under this folder, each picked by its name (relative path)", metavar="DIR"
+        None,
+        "offer every run folder and diffusers folder under this folder, each picked by its name (relative path)",
+        metavar="DIR",
     )
     host: str = option(LOOPBACK, "address to bind; anything but loopback exposes the server to the network")
     port: int = option(7860, "port to listen on (0: any free port)", minimum=0, maximum=65535)
@@ -29,6 +33,11 @@ class ServeOptions:
     max_steps: int = option(1000, "the most sampler steps a request may ask for", minimum=1)
     max_batch_size: int = option(16, "the largest batch_size a request may ask for", minimum=1)
     max_images: int = option(64, "the most images (batch_size x n_iter) one request may ask for", minimum=1)
+    max_pixels: int = option(
+        1024 * 1024,
+        "the largest width x height a request may ask of a Stable Diffusion folder (other models make only their size)",
+        minimum=64,
+    )
     max_body_mb: float = option(4.0, "the largest request body, in MiB; larger ones get a 413", exclusive_minimum=0)
     save_dir: str | None = option(
         None, "write the PNGs of requests with save_images: true into this folder (otherwise it is ignored)"

@@ -1,7 +1,11 @@
 """txt2img and img2img requests: checked in full before they are queued (``plan_request``), then run on
 the worker thread (``run_plan``) through ``inkwash.pipeline.Pipeline``, the same path as ``inkwash sample``,
 so the same seed gives the same image here, there and at any batch size (the same noise; pixels
-equal to within one level in 255, since convolutions round differently at different batch sizes)."""
+equal to within one level in 255, since convolutions round differently at different batch sizes).
+
+A text-conditional model (a Stable Diffusion folder) takes ``prompt`` and ``negative_prompt`` as text,
+``cfg_scale`` as its guidance scale, and any ``width`` and ``height`` in multiples of its VAE's 8 up to
+``--max-pixels``; img2img resizes the init image and the mask to that size."""
 
 from __future__ import annotations
 
@@ -10,16 +14,18 @@ import inspect
 import json
 import math
 import random
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from inkwash.data.loading import prepare_image, to_uint8
+from inkwash.data.loading import SIXTEEN_BIT_MODES, prepare_image, to_uint8
 from inkwash.errors import InkwashError
 from inkwash.files import atomic_write_bytes
-from inkwash.pipeline import resolve_class
+from inkwash.pipeline import Pipeline, resolve_class
 from inkwash.sampling.options import DEFAULT_STEPS, SampleOptions
 from inkwash.sampling.samplers import SamplerInfo
 from inkwash.serve.config import ServeOptions
@@ -45,6 +51,8 @@ from inkwash.serve.worker import Progress
 RESIZE_MODES = {0: "resize", 1: "crop"}
 # Sampler settings that apply only to the samplers whose function takes them; the others ignore them.
 SAMPLER_SETTINGS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+# inkwash's class options, refused by name when a client sends them for a text-conditional model.
+CLASS_FIELDS = ("class_label", "negative_class", "grid_by_class", "per_class")
 
 
 @dataclass
@@ -62,7 +70,9 @@ class Plan:
     subseed: int
     request: GenerationRequest
     ignored: list[str]
-    init: np.ndarray | None = None  # (H, W, C) uint8 at the model's size, after inpainting_fill
+    width: int = 0  # the images' size: the model's, or a text-conditional model's requested size
+    height: int = 0
+    init: np.ndarray | None = None  # (H, W, C) uint8 at the images' size, after inpainting_fill
     original: np.ndarray | None = None  # the init image before the fill, for the final composite
     mask: np.ndarray | None = None  # (H, W) bool, True = generated
     alpha: np.ndarray | None = None  # (H, W) the blurred mask
@@ -98,10 +108,26 @@ def _check_class(value: str, field_name: str, entry: ModelEntry) -> str | None:
     return value
 
 
+def _check_size(request: GenerationRequest, entry: ModelEntry, limits: ServeOptions) -> tuple[int, int]:
+    """(width, height) of a text-conditional model's images: the request's, else the model's default size."""
+    _channels, default_height, default_width = entry.shape
+    width = default_width if request.width is None else request.width
+    height = default_height if request.height is None else request.height
+    step = entry.size_multiple
+    for name, value in (("width", width), ("height", height)):
+        if value % step:
+            raise FieldError(name, f"must be a positive multiple of {step}, got {value}")
+    if width * height > limits.max_pixels:
+        name = "width" if request.width is not None else "height"
+        raise FieldError(
+            name, f"width x height must be at most {limits.max_pixels} pixels (--max-pixels), got {width}x{height}"
+        )
+    return width, height
+
+
 def _check_limits(request: GenerationRequest, entry: ModelEntry, limits: ServeOptions) -> None:
     _channels, height, width = entry.shape
-    num_steps = int(entry.config.get("schedule", {}).get("num_steps", 1000))
-    most = min(limits.max_steps, num_steps)
+    most = min(limits.max_steps, entry.num_steps)
     if request.steps > most:
         raise FieldError("steps", f"must be at most {most}, got {request.steps}")
     if request.batch_size > limits.max_batch_size:
@@ -111,6 +137,8 @@ def _check_limits(request: GenerationRequest, entry: ModelEntry, limits: ServeOp
             "n_iter",
             f"batch_size x n_iter must be at most {limits.max_images}, got {request.batch_size * request.n_iter}",
         )
+    if entry.text_conditional:
+        return
     for name, value, size in (("width", request.width, width), ("height", request.height, height)):
         if value is not None and value != size:
             raise FieldError(name, f"model {entry.name!r} makes {width}x{height} images, got {name} {value}")
@@ -128,21 +156,53 @@ def _settings(request: GenerationRequest, sampler: SamplerInfo) -> dict:
     return settings
 
 
-def _read_init(request: Img2ImgRequest, entry: ModelEntry, seed: int, plan: dict) -> None:
-    channels, size = entry.shape[0], entry.shape[1]
+def _fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:
+    """``prepare_image`` for RGB at any width x height: uint8 (height, width, 3)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if image.mode in SIXTEEN_BIT_MODES:  # as prepare_image: 65535 / 257 = 255
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    image = image.convert("RGB")
+    if resize == "crop":
+        image = ImageOps.fit(image, (width, height), Image.BICUBIC, centering=(0.5, 0.5))
+    else:
+        image = image.resize((width, height), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _read_init(
+    request: Img2ImgRequest, entry: ModelEntry, seed: int, plan: dict, size: tuple[int, int] | None = None
+) -> None:
+    """The init image (and mask) at the model's size, or at ``size`` (width, height) for a text-conditional
+    model."""
+    channels = entry.shape[0]
+    if size is None:
+        side = entry.shape[1]
+
+        def prepare(image: Image.Image, channels: int, resize: str) -> np.ndarray:
+            return prepare_image(image, channels, side, resize)
+    else:
+
+        def prepare(image: Image.Image, channels: int, resize: str) -> np.ndarray:
+            pixels = _fit(image, *size, resize)
+            return pixels if channels == 3 else pixels[..., :1]
+
     if request.resize_mode not in RESIZE_MODES:
         raise FieldError("resize_mode", f"{request.resize_mode} has no counterpart in inkwash; use 0 or 1")
     if len(request.init_images) > 1:
         raise FieldError("init_images", "one init image per request")
     resize = RESIZE_MODES[request.resize_mode]
     image = decode_image(request.init_images[0], "init_images")
-    init = prepare_image(image, channels, size, resize)
+    init = prepare(image, channels, resize)
     mask = None
     if request.mask is not None:
         mask_image = mask_channel(decode_image(request.mask, "mask"))
         if mask_image.size != image.size:
             mask_image = mask_image.resize(image.size, Image.BILINEAR)
-        mask = prepare_image(mask_image, 1, size, resize)[..., 0] > 127
+        mask = prepare(mask_image, 1, resize)[..., 0] > 127
         if request.inpainting_mask_invert:
             mask = ~mask
         if request.mask_blur is not None:
@@ -174,12 +234,29 @@ def plan_request(kind: str, request: GenerationRequest, store: ModelStore, limit
     schedule = resolve_schedule(request.scheduler)
     if schedule.schedule is None and legacy_schedule is not None:
         schedule = legacy_schedule
-    prompt = _check_class(request.prompt, "prompt", entry)
-    negative = _check_class(request.negative_prompt, "negative_prompt", entry)
+    text: dict = {}
+    if entry.text_conditional:
+        for name in CLASS_FIELDS:
+            if name in (request.model_extra or {}):
+                raise FieldError(
+                    name, f"model {entry.name!r} takes a text prompt, not classes: send the text as prompt"
+                )
+        width, height = _check_size(request, entry, limits)
+        prompt = negative = None
+        text = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "width": width,
+            "height": height,
+        }
+    else:
+        _channels, height, width = entry.shape
+        prompt = _check_class(request.prompt, "prompt", entry)
+        negative = _check_class(request.negative_prompt, "negative_prompt", entry)
     seed = random.randrange(2**32) if request.seed == -1 else request.seed
     variation = request.subseed_strength > 0
     subseed = random.randrange(2**32) if request.subseed == -1 else request.subseed
-    guided = prompt is not None or negative is not None
+    guided = prompt is not None or negative is not None or entry.text_conditional
     options = SampleOptions(
         checkpoint=str(entry.checkpoint),
         out="",
@@ -199,6 +276,7 @@ def plan_request(kind: str, request: GenerationRequest, store: ModelStore, limit
         show_progress=False,
         precision=limits.precision,
         device=limits.device,
+        **text,  # a text-conditional model's prompts and size
     )
     try:
         options.validate()
@@ -207,7 +285,7 @@ def plan_request(kind: str, request: GenerationRequest, store: ModelStore, limit
     extra: dict = {}
     if kind == "img2img":
         assert isinstance(request, Img2ImgRequest)
-        _read_init(request, entry, seed, extra)
+        _read_init(request, entry, seed, extra, (width, height) if entry.text_conditional else None)
     return Plan(
         kind,
         model,
@@ -220,13 +298,15 @@ def plan_request(kind: str, request: GenerationRequest, store: ModelStore, limit
         subseed,
         request,
         ignored_fields(request),
+        width=width,
+        height=height,
         **extra,
     )
 
 
 def _infotext(plan: Plan, index: int, sha256: str) -> str:
     request = plan.request
-    height, width = plan.entry.shape[1:]
+    width, height = plan.width, plan.height
     params: dict = {
         "Steps": request.steps,
         "Sampler": plan.sampler.display_name,
@@ -263,6 +343,8 @@ def save_pngs(folder: Path, encoded: list[str], seeds: list[int]) -> None:
 def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | None = None) -> dict:
     """Sample a checked request on the worker thread; the WebUI's response body."""
     pipe = store.pipeline(plan.model)
+    if type(pipe).decode is not Pipeline.decode:  # latents: the progress route decodes its preview
+        progress.set_decoder(pipe.decode)
     job = pipe.prepare(plan.options, init_image=plan.init, mask=plan.mask)
     job.sampler_options.update(plan.settings)
     batches = math.ceil(job.num_images / plan.options.batch_size)
@@ -277,7 +359,7 @@ def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | 
     request = plan.request
     if request.save_images and save_dir is not None:
         save_pngs(Path(save_dir), encoded, [plan.seed + i for i in range(len(encoded))])
-    height, width = plan.entry.shape[1:]
+    width, height = plan.width, plan.height
     info = {
         "prompt": request.prompt,
         "all_prompts": [request.prompt] * len(images),
@@ -317,12 +399,45 @@ def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | 
     }
 
 
-def preview_png(preview) -> str | None:
-    """Base64 PNG of the running batch's predicted x0, its images side by side."""
+def preview_png(preview, decode=None) -> str | None:
+    """Base64 PNG of the running batch's predicted x0, its images side by side; ``decode`` turns latents
+    into [-1, 1] pixels first (``Pipeline.decode``)."""
     if preview is None:
         return None
+    if decode is not None:
+        preview = decode(preview)
     pixels = to_uint8(preview.float().clamp(-1, 1).cpu())  # (B, H, W, C)
     return encode_png(np.concatenate(list(pixels), axis=1))
 
 
-__all__ = ["DEFAULT_STEPS", "Plan", "plan_request", "preview_png", "run_plan"]
+class PreviewCache:
+    """``current_image`` for the progress route: encoded once per preview update, whoever polls. A preview that
+    must be decoded (a VAE decode of latents, seconds on a CPU, on the cores the sampler uses) is decoded again
+    only after ``interval`` seconds, and after at least as long as the last decode took, so that decoding never
+    takes more than half of the time however often clients poll; in between they get the last decoded one."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._png: str | None = None
+        self._next = 0.0  # when a costly decode may run again
+
+    def png(self, preview, decode, key: tuple) -> str | None:
+        if preview is None:
+            return None
+        with self._lock:  # one encoding at a time; the other polls then find it done
+            if key == self._key:
+                return self._png
+            same_task = self._key is not None and self._key[0] == key[0]
+            if decode is not None and same_task and self._png is not None and time.monotonic() < self._next:
+                return self._png
+            started = time.monotonic()
+            png = preview_png(preview, decode)
+            took = time.monotonic() - started
+            self._key, self._png = key, png
+            self._next = time.monotonic() + max(self.interval, took)
+            return png
+
+
+__all__ = ["DEFAULT_STEPS", "Plan", "PreviewCache", "plan_request", "preview_png", "run_plan"]

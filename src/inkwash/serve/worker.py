@@ -47,22 +47,32 @@ class Progress:
         self.started = 0.0
         self.timestamp = ""
         self.preview: torch.Tensor | None = None  # the current predicted x0 of the running batch
+        # How to turn the preview into [-1, 1] pixels when that costs work (a latent model's VAE); None: as is.
+        self.decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.serial = 0  # counts the tasks begun
+        self.updates = 0  # counts the preview's updates within the task
 
     def begin(self, task: Task) -> None:
         with self._lock:
             self.task, self.total_steps, self.done_steps = task, 0, 0
             self.step = self.steps = self.job_no = self.job_count = 0
-            self.started, self.preview = time.monotonic(), None
+            self.started, self.preview, self.decode = time.monotonic(), None, None
+            self.serial, self.updates = self.serial + 1, 0
             self.timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
 
     def end(self) -> None:
         with self._lock:
-            self.task, self.preview = None, None
+            self.task, self.preview, self.decode = None, None, None
 
     def plan(self, total_steps: int, job_count: int) -> None:
         """Called by a task before sampling: the steps over all its batches and the number of batches."""
         with self._lock:
             self.total_steps, self.job_count = max(1, total_steps), job_count
+
+    def set_decoder(self, decode: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Called by a task whose previews are latents: the function that decodes them to pixels."""
+        with self._lock:
+            self.decode = decode
 
     def on_step(self, state: dict, steps: int, batch_size: int) -> None:
         """The sampler's per-step hook; raises ``SamplingInterrupted`` once the task is interrupted."""
@@ -71,6 +81,7 @@ class Progress:
             self.job_no = state["start"] // max(1, batch_size)
             self.done_steps = self.job_no * steps + self.step
             self.preview = state["denoised"].detach()
+            self.updates += 1
             interrupted = self.task is not None and self.task.interrupted
         if interrupted:
             raise SamplingInterrupted
@@ -95,6 +106,8 @@ class Progress:
                     "sampling_steps": self.steps if task else 0,
                 },
                 "preview": self.preview if task else None,
+                "decode": self.decode if task else None,
+                "preview_key": (self.serial, self.updates),
             }
 
 
