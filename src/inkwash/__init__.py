@@ -48,14 +48,18 @@ def train(config: TrainConfig | None = None, /, *, show_progress: bool = True, *
     return train_loop(config, show_progress=show_progress)
 
 
-def load(path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:
-    """A ``Pipeline`` for a run folder (its newest complete checkpoint), one checkpoint folder or a diffusers
-    ``DDPMPipeline`` / ``DDIMPipeline`` folder (safetensors weights); its ``generate(...)`` samples images.
-    ``use_ema`` picks the EMA weights (the default) or the raw ones; ``device`` is auto (the GPU when there
-    is one), cpu, cuda or a ``torch.device``."""
+def load(
+    path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "auto", precision: str = "fp32"
+) -> Pipeline:
+    """A ``Pipeline`` for a run folder (its newest complete checkpoint), one checkpoint folder, a diffusers
+    ``DDPMPipeline`` / ``DDIMPipeline`` folder or a ``StableDiffusionPipeline`` folder (safetensors weights); its
+    ``generate(...)`` samples images (``prompt=``, ``negative_prompt=``, ``width=``, ``height=`` for Stable
+    Diffusion). ``use_ema`` picks the EMA weights (the default) or the raw ones; ``device`` is auto (the GPU when
+    there is one), cpu, cuda or a ``torch.device``; ``precision`` (fp32, fp16, bf16) is the dtype a Stable
+    Diffusion folder's weights are held in."""
     from inkwash.pipeline import Pipeline
 
-    return Pipeline.load(path, use_ema=use_ema, device=device)
+    return Pipeline.load(path, use_ema=use_ema, device=device, precision=precision)
 
 
 def __getattr__(name: str) -> Any:
