@@ -151,37 +151,65 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def memory_probe(args, name: str, batch: int) -> float | None:
-    """In this fresh process: load one library's pipeline and generate once; the peak resident set in MiB
-    above the RSS after the imports, so the loaded weights count."""
-    import diffusers  # noqa: F401  (imported by both sides: before the baseline)
+def memory_probes(args, probes: list[tuple[str, int]]) -> list[tuple[float | None, str | None]]:
+    """Run in a process that has imported both libraries and touched no pipeline: for each (library, batch
+    size), a forked child (a fresh process: no allocator state from any other task) loads that library's
+    pipeline and generates once; its peak resident set in MiB above its RSS before loading (VmHWM, reset
+    through /proc/self/clear_refs), so the loaded weights count and the imports, common to both, do not.
+    Returns (MiB or None, a problem or None) for each."""
+    import diffusers  # noqa: F401  (both sides' imports, before any baseline)
     import transformers  # noqa: F401
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import inkwash  # noqa: F401
+    import inkwash
+    import inkwash.interop.stable_diffusion  # noqa: F401
 
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:
-            clear.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return None
-    before = _status_kib("VmRSS")
-    pipe = load(name, args)
-    runner(name, pipe, args, batch)()
-    return (_status_kib("VmHWM") - before) / 1024
+    found: list[tuple[float | None, str | None]] = []
+    for name, batch in probes:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, report through the pipe, exit without cleanup
+            os.close(read_end)
+            code = 0
+            try:
+                with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:
+                    clear.write("5")  # resets VmHWM to the current RSS
+                before = _status_kib("VmRSS")
+                pipe = load(name, args)
+                runner(name, pipe, args, batch)()
+                message = str((_status_kib("VmHWM") - before) / 1024)
+            except BaseException as error:  # reported to the parent
+                message, code = "error: " + error_text(error), 1
+            os.write(write_end, message.encode())
+            os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            message = reader.read().decode(errors="replace").strip()
+        _, status = os.waitpid(pid, 0)
+        try:
+            found.append((float(message), None))
+        except ValueError:
+            found.append((None, message or f"the probe exited with status {status}"))
+    return found
 
 
-def cpu_memory(args, name: str, batch: int) -> tuple[float | None, str | None]:
-    command = [sys.executable, __file__, "--memory-probe", f"{name}:{batch}", "--folder", args.folder,
+def cpu_memory(args, probes: list[tuple[str, int]]) -> list[tuple[float | None, str | None]]:
+    """``memory_probes`` in a subprocess of its own (this process has run both pipelines already)."""
+    spec = ",".join(f"{name}:{batch}" for name, batch in probes)
+    command = [sys.executable, __file__, "--memory-probe", spec, "--folder", args.folder,
                "--size", args.size, "--device", "cpu", "--precision", args.precision, "--steps", str(args.steps),
                "--width", str(args.width), "--height", str(args.height), "--threads", str(args.threads)]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=args.probe_timeout)
     except subprocess.TimeoutExpired:
-        return None, f"memory probe timed out after {args.probe_timeout} s"
+        return [(None, f"the memory probes timed out after {args.probe_timeout} s")] * len(probes)
     lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines and lines[-1] != "None":
-        return float(lines[-1]), None
-    return None, (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][-300:]
+    try:
+        return [(mib, problem) for mib, problem in json.loads(lines[-1])]
+    except (IndexError, ValueError, TypeError):
+        problem = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][-300:]
+        return [(None, problem)] * len(probes)
 
 
 def machine_label(device: str) -> str:
@@ -263,12 +291,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: 1 on cpu, torch's default on cuda)"
     )
-    parser.add_argument("--probe-timeout", type=int, default=300, help="seconds for each CPU memory probe")
+    parser.add_argument("--probe-timeout", type=int, default=300, help="seconds for the CPU memory probes")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
     parser.add_argument("--folder", default=None, help="an existing pipeline folder to use instead of building one")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # NAME:BATCH, run by cpu_memory
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # NAME:BATCH,..., run by cpu_memory
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else 0
@@ -343,8 +371,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
-        name, batch = args.memory_probe.rsplit(":", 1)
-        print(memory_probe(args, name, int(batch)))
+        probes = [(spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1])) for spec in args.memory_probe.split(",")]
+        print(json.dumps(memory_probes(args, probes)))
         return 0
 
     result: dict = {
@@ -459,12 +487,9 @@ def main(argv=None) -> int:
         )
         print(f"batch {batch}: {shown or 'no timings'}", flush=True)
 
-    if args.device == "cpu" and not args.no_memory:  # fresh processes, two at a time (each single-threaded)
-        from concurrent.futures import ThreadPoolExecutor
-
+    if args.device == "cpu" and not args.no_memory:  # a fresh process for each library and batch size
         probes = [(name, batch) for batch in args.batch_sizes for name in (INKWASH, DIFFUSERS) if name in pipes]
-        with ThreadPoolExecutor(max_workers=max(1, min(2, (os.cpu_count() or 1) // max(1, args.threads)))) as pool:
-            found = list(pool.map(lambda probe: cpu_memory(args, *probe), probes))
+        found = cpu_memory(args, probes)
         for (name, batch), (mib, problem) in zip(probes, found, strict=True):
             side = result["batches"][str(batch)][name]
             side["peak_memory_mib"] = mib
