@@ -345,6 +345,9 @@ def run_plan(plan: Plan, store: ModelStore, progress: Progress, save_dir: str | 
     pipe = store.pipeline(plan.model)
     if type(pipe).decode is not Pipeline.decode:  # latents: the progress route decodes its preview
         progress.set_decoder(pipe.decode)
+    sampling = pipe.config.get("sampling", {})
+    if "clip_denoised" in sampling:  # a diffusers folder's clip_sample, as Pipeline.generate applies it
+        plan.options.clip_denoised = bool(sampling["clip_denoised"])
     job = pipe.prepare(plan.options, init_image=plan.init, mask=plan.mask)
     job.sampler_options.update(plan.settings)
     batches = math.ceil(job.num_images / plan.options.batch_size)
