@@ -25,10 +25,12 @@ SIGTERM, so a run cut short by a time limit keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -252,6 +254,7 @@ def build_folder(args, result: dict) -> None:
     from inkwash.interop.random_folders import build_stable_diffusion
 
     args.folder = tempfile.mkdtemp(prefix=f"sd_speed_{args.size}_")
+    atexit.register(shutil.rmtree, args.folder, True)  # a built folder goes when the script ends (sd15: 2 GB)
     start = time.perf_counter()
     where = "cpu"
     if args.device == "cuda":
