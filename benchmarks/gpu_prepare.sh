@@ -42,6 +42,7 @@ elif [[ -x .venv/bin/python ]]; then
 else
     PY=python3
 fi
+[[ $PY == */* && $PY != /* ]] && PY=$ROOT/$PY # the check below runs it from another folder
 GPU_PY=${GPU_PYTHON_VERSION:-3.12}
 DIFFUSERS_VERSION=${DIFFUSERS_VERSION:-0.42.1}
 HUB_VERSION=${HUB_VERSION:-1.33.0}

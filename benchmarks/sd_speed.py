@@ -343,6 +343,10 @@ def summarize(result: dict, key: str, names: list[str]) -> None:
         entry["compiled_speed_ratio"] = theirs["seconds_per_image"] / compiled["seconds_per_image"]
 
 
+def _cell(value: float | None, width: int, digits: int) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}s}"
+
+
 def print_table(result: dict, names: list[str]) -> None:
     unit = "max_memory_allocated" if result["device"] == "cuda" else "peak RSS, fresh process"
     print(f"\n{result['size']} {result['width']}x{result['height']}, {result['precision']}, {result['steps']} "
@@ -356,8 +360,7 @@ def print_table(result: dict, names: list[str]) -> None:
                 print(f"{key:>5s} {name:18s} error: {side['error'][:80]}")
                 continue
             spi, ips, mem = side.get("seconds_per_image"), side.get("images_per_sec"), side.get("peak_memory_mib")
-            print(f"{key:>5s} {name:18s} {spi or float('nan'):9.4f} {ips or float('nan'):9.2f} "
-                  f"{mem if mem is not None else float('nan'):9.0f}")  # fmt: skip
+            print(f"{key:>5s} {name:18s} {_cell(spi, 9, 4)} {_cell(ips, 9, 2)} {_cell(mem, 9, 0)}")
         ratios = []
         if "speed_ratio" in entry:
             ratios.append(f"speed inkwash/diffusers {entry['speed_ratio']:.2f}x (> 1: inkwash faster)")
