@@ -107,18 +107,53 @@ class Session:
         return [p for p in self.problems if not any(allowed in p for allowed in self.allowed)]
 
 
-@pytest.fixture
-def ui(browser, server_url):
+def open_page(browser, url: str):
+    """A fresh page on ``url``, ready; after the test, no console errors and nothing fetched elsewhere."""
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
     page = context.new_page()
     page.set_default_timeout(20_000)
-    session = Session(page, server_url)
-    page.goto(server_url)
+    session = Session(page, url)
+    page.goto(url)
     page.wait_for_selector("body[data-ready]")
     yield session
     context.close()
     assert session.unexpected() == [], "the page logged errors"
     assert session.foreign == [], "the page fetched something from another server"
+
+
+@pytest.fixture
+def ui(browser, server_url):
+    yield from open_page(browser, server_url)
+
+
+@pytest.fixture(scope="module")
+def sd_url(tmp_path_factory):
+    """A server whose first model is a tiny random Stable Diffusion folder ("sd"), with a class-conditional run
+    ("digits") beside it."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import torch
+
+    from inkwash.interop.random_folders import build_stable_diffusion
+    from inkwash.serve.app import ServerThread, create_app
+    from inkwash.serve.config import ServeOptions
+
+    root = tmp_path_factory.mktemp("browser-sd")
+    build_stable_diffusion(root / "sd")
+    save_random_run(root / "more" / "digits", class_names=CLASSES)
+    options = ServeOptions(checkpoint=str(root / "sd"), models=str(root / "more"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as server_url: one thread beside chromium
+    try:
+        with ServerThread(create_app(options)) as server:
+            yield server.url
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sd_ui(browser, sd_url):
+    yield from open_page(browser, sd_url)
 
 
 # ---------- helpers ----------
@@ -443,6 +478,66 @@ def test_api_errors_are_shown_on_the_page(ui):
     page.click("#tab-img2img")
     page.click("#generate")
     assert "input image" in page.inner_text("#message-text")
+
+
+def test_stable_diffusion_prompt_and_size(sd_ui):
+    page = sd_ui.page
+    # a text-conditional model: prompt boxes and a size instead of the class menus
+    assert page.input_value("#model") == "sd" and "text prompts" in page.inner_text("#model-info")
+    assert page.is_visible("#prompt-text") and page.is_visible("#negative-text")
+    assert page.is_hidden("#prompt") and page.is_hidden("#negative-prompt")
+    assert (page.input_value("#width"), page.input_value("#height")) == ("64", "64")
+    assert page.get_attribute("#width", "step") == "8" and page.get_attribute("#height", "step") == "8"
+    assert page.input_value("#cfg") == "7" and page.is_enabled("#cfg")
+    for control in ("prompt-text", "negative-text", "width", "height"):
+        assert page.locator(f"label[for={control}]").count() == 1, control
+
+    prompt = "a red bicycle leaning on a wall, morning light"
+    page.fill("#prompt-text", prompt)
+    page.fill("#negative-text", "blurry")
+    page.select_option("#sampler", "Euler")
+    page.select_option("#scheduler", "Uniform")
+    page.fill("#steps", "60")
+    page.fill("#seed", "5")
+    page.fill("#width", "48")
+    page.fill("#height", "32")
+    page.evaluate(RECORDER)
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        [image] = generate(page)
+    body = sent.value.post_data_json
+    assert (body["prompt"], body["negative_prompt"]) == (prompt, "blurry")
+    assert (body["width"], body["height"], body["cfg_scale"]) == (48, 32, 7)
+    assert pixels(image).shape == (32, 48, 3)  # 48 wide, 32 high
+    info = page.locator("#gallery .infotext").first.text_content()
+    assert info.startswith(f"{prompt}\nNegative prompt: blurry\n") and "Size: 48x32" in info
+    previews = [s["value"] for s in page.evaluate("window.__seen") if s["kind"] == "preview" and s["value"]]
+    assert previews and pixels(previews[0]).shape == (32, 48, 3)  # the live preview: decoded latents
+
+    # the same settings give the same pixels; another prompt others
+    [again] = generate(page)
+    assert np.array_equal(pixels(image), pixels(again))
+    page.fill("#prompt-text", "a bowl of soup")
+    [other] = generate(page)
+    assert not np.array_equal(pixels(image), pixels(other))
+
+    # a size that is not a multiple of 8 is refused on the page, before any request
+    before = cards(page)
+    page.fill("#width", "50")
+    page.click("#generate")
+    page.wait_for_selector("#message", state="visible")
+    assert "multiple of 8" in page.inner_text("#message-text") and cards(page) == before
+    page.click("#message-close")
+
+    # switching models switches the form
+    page.select_option("#model", "digits")
+    page.wait_for_function("!document.querySelector('#class-fields').hidden")
+    assert page.is_hidden("#prompt-text") and page.is_hidden("#width") and page.input_value("#cfg") == "2"
+    pick(page, prompt="4", steps=4, seed=3)
+    [digit] = generate(page)
+    assert pixels(digit).shape == (16, 16)
+    page.select_option("#model", "sd")
+    page.wait_for_function("!document.querySelector('#text-fields').hidden")
+    assert page.input_value("#width") == "64" and page.is_hidden("#prompt")
 
 
 def test_screenshot(ui, tmp_path):

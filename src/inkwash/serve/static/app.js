@@ -15,6 +15,7 @@
     model: null, // the answer of /inkwash/v1/model for the chosen model
     modelName: null, // sent as override_settings.sd_model_checkpoint
     stepsFromDefault: true, // steps follow the sampler's default until the user edits them
+    cfgFromDefault: true, // the CFG scale follows the model's kind (2 for classes, 7 for text) until edited
     running: false,
     poll: null, // the token of the running progress poll
     lastPreview: null,
@@ -214,10 +215,14 @@
     setNumber("steps", Math.min(defaultSteps($("sampler").value), state.model.max_steps || 1000));
   }
 
+  const textModel = () => Boolean(state.model && state.model.text_conditional);
+
   function describeModel(model) {
     const colour = model.channels === 1 ? "grayscale" : model.channels === 3 ? "RGB" : `${model.channels} channels`;
     const classes = model.classes.length ? `${model.classes.length} classes` : "unconditional";
-    const size = `${model.width}×${model.height} ${colour} · ${classes}`;
+    const size = model.text_conditional
+      ? `text prompts · ${model.width}×${model.height} by default`
+      : `${model.width}×${model.height} ${colour} · ${classes}`;
     return state.models.length > 1 ? size : `${model.name} · ${size}`; // the menu shows the name already
   }
 
@@ -229,13 +234,28 @@
     $("model-info").textContent = describeModel(model);
 
     const classes = model.classes.map((c) => [c, c]);
+    const text = Boolean(model.text_conditional);
     const conditional = classes.length > 0;
     setOptions($("prompt"), [["", "(unconditional)"], ...classes], $("prompt").value);
     setOptions($("negative-prompt"), [["", "(none)"], ...classes], $("negative-prompt").value);
     $("prompt").disabled = !conditional;
     $("negative-prompt").disabled = !conditional;
-    $("cfg").disabled = !conditional;
-    $("cfg-range").disabled = !conditional;
+    $("cfg").disabled = !(conditional || text);
+    $("cfg-range").disabled = !(conditional || text);
+    if (state.cfgFromDefault) setNumber("cfg", text ? 7 : 2);
+    // A text-conditional model (Stable Diffusion) takes a prompt and any size in its multiples; the others
+    // take classes and make their own size only.
+    $("class-fields").hidden = text;
+    $("text-fields").hidden = !text;
+    if (text) {
+      const multiple = model.size_multiple || 8;
+      for (const id of ["width", "height"]) {
+        $(id).step = String(multiple);
+        $(id).min = String(multiple);
+      }
+      $("width").value = String(model.width);
+      $("height").value = String(model.height);
+    }
 
     const maxSteps = model.max_steps || 1000;
     for (const id of ["steps", "steps-range"]) $(id).max = maxSteps;
@@ -299,10 +319,20 @@
 
   // ---------- requests ----------
 
+  function checkedSize(id, label) {
+    const multiple = (state.model && state.model.size_multiple) || 8;
+    const value = numberOrNull(id);
+    if (value === null || !Number.isInteger(value) || value < multiple || value % multiple !== 0) {
+      throw new Error(`${label} must be a positive multiple of ${multiple}.`);
+    }
+    return value;
+  }
+
   function baseRequest() {
+    const text = textModel();
     const request = {
-      prompt: $("prompt").value,
-      negative_prompt: $("negative-prompt").value,
+      prompt: text ? $("prompt-text").value : $("prompt").value,
+      negative_prompt: text ? $("negative-text").value : $("negative-prompt").value,
       sampler_name: $("sampler").value,
       scheduler: $("scheduler").value,
       seed: numberOrNull("seed") ?? -1,
@@ -319,7 +349,10 @@
     if (eta !== null) request.eta = eta;
     const churn = numberOrNull("s-churn");
     if (churn !== null) request.s_churn = churn;
-    if (state.model) {
+    if (text) {
+      request.width = checkedSize("width", "Width");
+      request.height = checkedSize("height", "Height");
+    } else if (state.model) {
       request.width = state.model.width;
       request.height = state.model.height;
     }
@@ -482,7 +515,7 @@
       const infotext = (infotexts.length === images.length ? infotexts[i] : infotexts[k]) || "";
       const seed = seeds[k] ?? seedOf(infotext) ?? info.seed;
       const prompt = prompts[k] ?? info.prompt ?? "";
-      cards.push(galleryCard(asDataUrl(image), infotext, seed, prompt, info.interrupted));
+      cards.push(galleryCard(asDataUrl(image), infotext, seed, prompt, info.interrupted, textModel()));
     });
     if (cards.length) {
       const firstSeed = seeds[0] ?? seedOf(infotexts[first]) ?? info.seed;
@@ -494,11 +527,11 @@
     return cards.length;
   }
 
-  function galleryCard(src, infotext, seed, prompt, interrupted) {
+  function galleryCard(src, infotext, seed, prompt, interrupted, text) {
     const card = $("gallery-item").content.firstElementChild.cloneNode(true);
     const image = card.querySelector(".shot-img");
     image.src = src;
-    const what = prompt ? `class ${prompt}` : "unconditional";
+    const what = text ? `prompt "${prompt}"` : prompt ? `class ${prompt}` : "unconditional";
     image.alt = `Generated image, ${what}, seed ${seed}`;
     card.dataset.seed = String(seed);
     card.querySelector(".shot-title").textContent = `Seed ${seed}${interrupted ? " · interrupted" : ""}`;
@@ -755,12 +788,13 @@
       }
     }
     const classes = (state.model && state.model.classes) || [];
+    const text = textModel();
     for (const [key, id] of [
-      ["Prompt", "prompt"],
-      ["Negative prompt", "negative-prompt"],
+      ["Prompt", text ? "prompt-text" : "prompt"],
+      ["Negative prompt", text ? "negative-text" : "negative-prompt"],
     ]) {
       const value = String(pick(params, key) ?? "").trim();
-      if (value === "" || classes.includes(value)) $(id).value = value;
+      if (text || value === "" || classes.includes(value)) $(id).value = value;
       else problems.push(`${key.toLowerCase()} "${value}" is not one of this model's classes`);
     }
     const samplerName = pick(params, "Sampler");
@@ -787,6 +821,7 @@
       if (value !== undefined) setNumber(id, Number(value));
     }
     if (pick(params, "Steps") !== undefined) state.stepsFromDefault = false;
+    if (pick(params, "CFG scale") !== undefined) state.cfgFromDefault = false;
     const eta = pick(params, "Eta", "Eta DDIM", "ETA");
     $("eta").value = eta === undefined ? "" : String(Number(eta));
     const churn = pick(params, "Sigma churn", "S churn", "s_churn");
@@ -795,7 +830,10 @@
 
     const width = pick(params, "Size-1");
     const height = pick(params, "Size-2");
-    if (state.model && width !== undefined && (Number(width) !== state.model.width || Number(height) !== state.model.height)) {
+    if (text && width !== undefined && height !== undefined) {
+      $("width").value = String(Number(width));
+      $("height").value = String(Number(height));
+    } else if (state.model && width !== undefined && (Number(width) !== state.model.width || Number(height) !== state.model.height)) {
       problems.push(`the image is ${width}×${height}, this model makes ${state.model.width}×${state.model.height}`);
     }
     if (problems.length) showMessage(`Some parameters were not applied: ${problems.join("; ")}.`, "warning");
@@ -809,7 +847,9 @@
     linkSlider("steps-range", "steps", () => {
       state.stepsFromDefault = false;
     });
-    linkSlider("cfg-range", "cfg");
+    linkSlider("cfg-range", "cfg", () => {
+      state.cfgFromDefault = false;
+    });
     linkSlider("denoise-range", "denoise");
     linkSlider("mask-blur-range", "mask-blur");
     $("sampler").addEventListener("change", applySamplerDefaultSteps);
