@@ -384,3 +384,14 @@ def test_set_alpha_to_one_false_ends_ddim_and_plms_at_sigma_min(folder, tmp_path
     assert float(_job(plain, sampler="ddim", steps=10).sigmas[-1]) == 0.0
     with pytest.raises(InkwashError, match="set_alpha_to_one"):
         _folder_with(folder, tmp_path / "bad", set_alpha_to_one="no")
+
+
+def test_eval_samples_a_pixel_folder_with_nll(folder, tmp_path):
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, images=np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    report = tmp_path / "eval.json"
+    args = ["eval", "--checkpoint", str(folder), "--reference", str(reference), "--num-samples", "4", "--steps", "2",
+            "--metrics", "swd,nll", "--nll-terms", "2", "--json", str(report)]  # fmt: skip
+    assert main(args) == 0
+    scores = json.loads(report.read_text())
+    assert scores["counts"]["samples"] == 4 and scores["scores"]["nll_bpd"] > 0

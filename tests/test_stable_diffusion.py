@@ -347,3 +347,18 @@ def test_half_precision_weights(folder):
     assert next(half.model.parameters()).dtype == torch.bfloat16
     images = half.generate(prompt=PROMPT, steps=3, num_images=1, show_progress=False, precision="bf16")
     assert images.shape == (1, 64, 64, 3)
+
+
+def test_eval_samples_a_stable_diffusion_folder(folder, tmp_path, capsys):
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, images=np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8))
+    report = tmp_path / "eval.json"
+    args = ["eval", "--checkpoint", str(folder), "--reference", str(reference), "--num-samples", "4", "--steps", "2",
+            "--metrics", "swd", "--prompt", PROMPT, "--batch-size", "2", "--json", str(report)]  # fmt: skip
+    assert main(args) == 0
+    scores = json.loads(report.read_text())
+    assert scores["counts"]["samples"] == 4 and scores["scores"]["swd"] > 0
+    assert scores["settings"]["prompt"] == PROMPT
+    capsys.readouterr()
+    assert main([*args[:-2], "--metrics", "nll"]) != 0
+    assert "nll metric needs a pixel-space model" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from inkwash.evaluation.evaluate import (
 from inkwash.evaluation.features import default_features
 from inkwash.evaluation.reference import load_image_array, load_reference
 from inkwash.files import atomic_write_text
+from inkwash.interop.diffusers_folder import is_diffusers_folder
 from inkwash.options import check_options, option
 from inkwash.sampling.options import (
     device_option,
@@ -44,7 +45,10 @@ class EvalOptions:
         None, "an .npz of uint8 images (as 'inkwash sample' writes) or a folder", one_of="images"
     )
     checkpoint: str | None = option(
-        None, "a run directory to sample (with the sampling options below)", one_of="images"
+        None,
+        "a run directory, or a diffusers DDPM / DDIM / Stable Diffusion folder, to sample (with the sampling "
+        "options below)",
+        one_of="images",
     )
     num_samples: int | None = option(None, "(default: all of --samples; 1000 from --checkpoint)", minimum=1)
     metrics: tuple[str, ...] = option(DEFAULT_METRICS, f"comma-separated, from {','.join(METRICS)}", choices=METRICS)
@@ -68,12 +72,14 @@ class EvalOptions:
     nll_terms: int | None = option(
         100, "KL terms of the bound per image, stratified; 999 or more sums all of them", minimum=1
     )
-    guidance_scale: float = option(
-        1.0,
+    guidance_scale: float | None = option(
+        None,
         "classifier-free guidance for a class-conditional --checkpoint, whose labels follow its "
-        "training class frequencies (default: 1.0, plain conditional sampling)",
+        "training class frequencies (default: 1.0, plain conditional sampling; 7.5 for Stable Diffusion)",
         minimum=0,
     )
+    prompt: str | None = option(None, "a Stable Diffusion --checkpoint: the prompt of every image")
+    negative_prompt: str | None = option(None, "a Stable Diffusion --checkpoint: the negative prompt")
     device: str = device_option("--checkpoint: where the network runs; auto is the GPU when there is one")
     precision: str = precision_option(
         "--checkpoint: bf16 or fp16 autocast of the network (fast on GPUs and AMX CPUs); the sampler's "
@@ -128,6 +134,32 @@ def load_samples(path: str | Path) -> torch.Tensor:
     return load_image_array(path)
 
 
+def sample_diffusers_folder(options: EvalOptions, settings: MetricSettings) -> tuple[torch.Tensor, object]:
+    """Images (N, C, H, W) in [-1, 1] drawn from a diffusers folder as ``inkwash sample`` draws them, and its
+    denoiser for the nll metric (None for Stable Diffusion, whose latent model has no pixel likelihood here)."""
+    from inkwash.pipeline import Pipeline
+
+    pipe = Pipeline.load(options.checkpoint, device=inference_device(options.device, options.precision))
+    given = {
+        "sampler": options.sampler,
+        "steps": options.steps,
+        "schedule": options.schedule,
+        "eta": options.eta,
+        "seed": options.seed,
+        "batch_size": options.batch_size,
+        "num_images": options.num_samples or 1000,
+        "precision": options.precision,
+        "show_progress": options.show_progress,
+        "guidance_scale": options.guidance_scale,
+        "prompt": options.prompt,
+        "negative_prompt": options.negative_prompt,
+    }
+    if pipe.text_conditional and "nll" in settings.metrics:
+        raise InkwashError("the nll metric needs a pixel-space model; a Stable Diffusion folder samples latents")
+    images = pipe.run(pipe.prepare(pipe.sample_options(**given))).images
+    return images, None if pipe.text_conditional else pipe.denoiser
+
+
 def run_eval(options: EvalOptions) -> EvalReport:
     """``inkwash eval``: load or draw the samples, score them, write JSON if asked."""
     started = time.perf_counter()
@@ -141,7 +173,7 @@ def run_eval(options: EvalOptions) -> EvalReport:
     settings.validate()
     if (options.samples is None) == (options.checkpoint is None):
         raise InkwashError("give exactly one of --samples and --checkpoint")
-    if options.guidance_scale != 1.0 and options.checkpoint is None:
+    if options.guidance_scale not in (None, 1.0) and options.checkpoint is None:
         raise InkwashError("--guidance-scale applies to --checkpoint sampling, not to --samples")
     if options.json is not None and Path(options.json).is_dir():
         raise InkwashError(f"--json must be a file name, got a directory: {options.json}")
@@ -151,7 +183,13 @@ def run_eval(options: EvalOptions) -> EvalReport:
         if options.num_samples is not None:
             images = images[: options.num_samples]
         source = options.samples
+    elif is_diffusers_folder(options.checkpoint):
+        images, denoiser = sample_diffusers_folder(options, settings)
+        source = options.checkpoint
     else:
+        for flag, value in (("--prompt", options.prompt), ("--negative-prompt", options.negative_prompt)):
+            if value is not None:
+                raise InkwashError(f"{flag} needs a text-conditional model (a Stable Diffusion pipeline folder)")
         device = inference_device(options.device, options.precision)
         model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
         denoiser = ModelDenoiser(model.to(device), schedule, config.get("prediction", "eps"))
@@ -167,7 +205,7 @@ def run_eval(options: EvalOptions) -> EvalReport:
             config["data"]["shape"],
             num_samples,
             labels=labels,
-            guidance_scale=options.guidance_scale,
+            guidance_scale=1.0 if options.guidance_scale is None else options.guidance_scale,
             sampler=options.sampler,
             steps=options.steps,
             schedule=options.schedule,
