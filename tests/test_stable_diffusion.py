@@ -251,7 +251,9 @@ def test_reverse_trajectory_is_decoded(pipe):
     job = pipe.prepare(pipe.sample_options(prompt=PROMPT, steps=5, num_images=2, show_progress=False))
     result = pipe.run(job)
     assert result.images.shape == (2, 3, 64, 64)
-    assert result.trajectory and all(x.shape == (1, 3, 64, 64) for _, x, _ in result.trajectory)
+    assert result.trajectory and all(x.shape == (2, 4, 8, 8) for _, x, _ in result.trajectory)  # latents
+    decoded = pipe.decode_trajectory(result.trajectory)
+    assert len(decoded) == len(result.trajectory) and all(x.shape == (1, 3, 64, 64) for _, x, _ in decoded)
 
 
 def test_cli_sample(folder, tmp_path):

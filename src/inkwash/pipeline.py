@@ -265,6 +265,10 @@ class Pipeline:
         The web UI's live preview shows ``decode(denoised)``."""
         return x
 
+    def decode_trajectory(self, trajectory: list) -> list:
+        """``SampleResult.trajectory`` in pixels, for the reverse strip: as it is here; decoded by a latent model."""
+        return trajectory
+
     def __repr__(self) -> str:
         classes = f", {len(self.class_names)} classes" if self.class_names else ""
         return f"Pipeline({self.checkpoint}, image {self.image_shape}{classes}, on {self.device})"

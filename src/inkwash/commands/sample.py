@@ -58,7 +58,7 @@ def sample_run(options: SampleOptions) -> dict:
     else:
         save_png(sample_grid(result.images), out / "grid.png")
     if result.trajectory:
-        save_png(reverse_strip(result.trajectory, result.images), out / "reverse.png")
+        save_png(reverse_strip(pipe.decode_trajectory(result.trajectory), result.images), out / "reverse.png")
     summary = {
         "sampler": job.sampler.id,
         "schedule": job.schedule,

@@ -342,7 +342,8 @@ class StableDiffusion(Pipeline):
         on_step: Callable[[dict], None] | None = None,
     ) -> SampleResult:
         """Sample ``job``'s latents, decode each batch as it finishes and put the kept pixels back; as
-        ``Pipeline.run``, with images (N, 3, H, W) in [-1, 1]."""
+        ``Pipeline.run``, with images (N, 3, H, W) in [-1, 1] and the trajectory in latents
+        (``decode_trajectory``)."""
         assert isinstance(job, LatentJob)
         options = job.options
         inference_device(self.device.type, options.precision)
@@ -387,8 +388,13 @@ class StableDiffusion(Pipeline):
             on_step=on_step,
         )
         images = torch.cat(decoded) if decoded else torch.empty(0, 3, job.height, job.width)
-        trajectory = []
-        for sigma, x, denoised in result.trajectory:  # the first image's, decoded for the reverse strip
+        return SampleResult(images=images, nfe=result.nfe, trajectory=result.trajectory, interrupted=result.interrupted)
+
+    def decode_trajectory(self, trajectory: list) -> list:
+        """The reverse strip's recorded (sigma, x, denoised) in pixels: the first image's, decoded (two VAE decodes
+        per recorded step, so only ``inkwash sample`` asks for it)."""
+        decoded = []
+        for sigma, x, denoised in trajectory:
             vp = math.sqrt(1.0 + sigma**2)
-            trajectory.append((sigma, self.decode(x[:1] / vp) * vp, self.decode(denoised[:1])))
-        return SampleResult(images=images, nfe=result.nfe, trajectory=trajectory, interrupted=result.interrupted)
+            decoded.append((sigma, self.decode(x[:1] / vp) * vp, self.decode(denoised[:1])))
+        return decoded
