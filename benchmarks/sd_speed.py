@@ -39,6 +39,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from importlib import metadata
 
 import torch
 
@@ -235,10 +236,11 @@ def machine_label(device: str) -> str:
 
 def versions() -> dict:
     found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for package in ("diffusers", "transformers", "inkwash"):
+    for package in ("diffusers", "transformers", "tokenizers", "huggingface_hub", "accelerate", "inkwash"):
         try:
             module = __import__(package)
-            found[package] = getattr(module, "__version__", "?")
+            found[package] = getattr(module, "__version__", None) or metadata.version(package)
+            found[f"{package}_file"] = getattr(module, "__file__", None)
         except Exception as error:  # reported, not fatal
             found[package] = f"not importable: {error!r}"[:200]
     return found
