@@ -297,8 +297,8 @@ if torch.cuda.is_available():
 info["torch"] = t
 
 packages = {}
-for name in ["diffusers", "huggingface_hub", "numpy", "safetensors", "pillow", "scipy", "triton", "pytest",
-             "pytest-xdist", "pytest-timeout"]:
+for name in ["diffusers", "huggingface_hub", "transformers", "tokenizers", "accelerate", "numpy", "safetensors",
+             "pillow", "scipy", "triton", "pytest", "pytest-xdist", "pytest-timeout"]:
     try:
         packages[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -512,7 +512,7 @@ def sd_line(name, result):
 def throughput_line(name, result):
     rates = []
     for k, v in (result.get("precision") or {}).items():
-        mfu = f" (MFU {num(v.get('train_mfu'), '.2f')})" if "train_mfu" in v else ""
+        mfu = f" (x{num(v.get('train_vs_fp32'), '.2f')} fp32" + (f", MFU {num(v.get('train_mfu'), '.2f')})" if "train_mfu" in v else ")")
         rates.append(f"{k} train {num(v.get('train_images_per_sec'), '.0f')}{mfu} / sample {num(v.get('sample_images_per_sec'), '.0f')}")
     ratio = f"; inkwash/diffusers train {result['train_ratio']:.2f}, sample {result['sample_ratio']:.2f}" if "train_ratio" in result else ""
     mode = f", compile {result['compile_mode']}" if result.get("compile_mode") else ""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import gc
 import json
 import os
 import platform
@@ -271,8 +272,9 @@ def build_folder(args, result: dict) -> None:
     else:
         pipe = build_stable_diffusion(args.folder, args.size, SEED, DTYPES[args.precision])
     del pipe
+    gc.collect()
     if args.device == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the builder's copy of the weights is not either library's
     seconds = time.perf_counter() - start
     result["folder"].update(built=True, built_on=where, build_seconds=round(seconds, 2))
     print(f"built the {args.size} folder on the {where} in {seconds:.1f} s: {args.folder}", flush=True)
