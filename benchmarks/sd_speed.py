@@ -410,10 +410,14 @@ def main(argv=None) -> int:
     }
     names = [INKWASH] + ([INKWASH_COMPILED] if args.compile else []) + [DIFFUSERS]
 
-    def on_term(signum, frame):  # a time limit: keep what was measured
+    def on_term(signum, frame):  # a time limit: keep what was measured, then leave at once (no thread joins)
         result["interrupted"] = f"signal {signum}"
         write(result, args.json)
-        sys.exit(128 + signum)
+        if result["folder"].get("built"):
+            shutil.rmtree(args.folder, ignore_errors=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
     print(f"machine: {result['machine']}; torch {result['versions']['torch']}, diffusers "

@@ -31,8 +31,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -412,8 +415,17 @@ class Interrupted(Exception):
     """SIGTERM (a time limit): stop timing, report and write what was measured."""
 
 
+STOPPED: dict[str, int] = {}  # the signal that stopped the run, once one has
+
+
 def _on_term(signum, frame):
+    STOPPED["signal"] = signum
     raise Interrupted(f"signal {signum}")
+
+
+def _stopped(error: BaseException) -> bool:
+    """Whether ``error`` is the SIGTERM, raised where it arrived or wrapped by torch.compile on its way out."""
+    return isinstance(error, Interrupted) or "signal" in STOPPED
 
 
 def write_json(result: dict, path: str | None) -> None:
@@ -524,16 +536,44 @@ def main() -> None:
 
         times: dict[tuple[str, str], list[float]] = {key: [] for key in tasks}
         warmup: dict[str, float] = {}
-        result["warmup_seconds"] = warmup  # the first call of each task, compilation included
+        result["warmup_seconds"] = warmup  # the first calls of each task, compilation included
+        failures: dict[str, str] = {}  # a task that fails (say, under torch.compile) is dropped; the rest go on
+        result["task_errors"] = failures
+
+        def attempt(key, run) -> None:
+            try:
+                run()
+            except Exception as error:
+                if _stopped(error):
+                    raise Interrupted(f"signal {STOPPED.get('signal', 15)}") from error
+                failures[" ".join(key)] = f"{type(error).__name__}: {error}"[:500]
+                traceback.print_exc()
+                print(f"throughput.py: {' '.join(key)} failed and is left out: {failures[' '.join(key)]}", flush=True)
+                del tasks[key]
+
+        def warm_up(key) -> None:  # a round's worth of calls, and at least 3 under torch.compile, whose CUDA
+            # graphs run eagerly once, are recorded on the second call and replayed from the third on
+            fn, repeats = tasks[key]
+            calls = max(repeats, 3) if key[1].endswith("compiled") else repeats
+            attempt(key, lambda: warmup.__setitem__(" ".join(key), round(timed(fn, calls, device) * calls, 3)))
+
+        def time_round(keys) -> None:
+            for key in [key for key in keys if key in tasks]:
+                fn, repeats = tasks[key]
+                attempt(key, lambda: times[key].append(timed(fn, repeats, device)))  # noqa: B023
+
         try:
-            for key, (fn, repeats) in tasks.items():  # warm-up (and compilation): a round's worth of calls,
-                # and at least 3 under torch.compile, whose CUDA graphs run eagerly once, are recorded on the
-                # second call and replayed from the third on
-                calls = max(repeats, 3) if key[1].endswith("compiled") else repeats
-                warmup[" ".join(key)] = round(timed(fn, calls, device) * calls, 3)
+            eager = [key for key in tasks if not key[1].endswith("compiled")]
+            compiled_keys = [key for key in tasks if key not in eager]
+            for key in eager:
+                warm_up(key)
+            if compiled_keys:  # one round of the eager tasks before compiling: figures even if compilation
+                time_round(eager)  # runs past the time limit (their medians then take rounds + 1 rounds)
+                result["eager_rounds_before_compiling"] = 1
+                for key in compiled_keys:
+                    warm_up(key)
             for _ in range(args.rounds):
-                for key, (fn, repeats) in tasks.items():
-                    times[key].append(timed(fn, repeats, device))
+                time_round(list(tasks))
         except Interrupted as stop:
             result["interrupted"] = f"{stop} during the timing; the medians are of the rounds that finished"
             print(f"throughput.py: {result['interrupted']}", flush=True)
@@ -542,14 +582,20 @@ def main() -> None:
             memory_sizes = [int(size) for size in args.memory_batch_sizes.split(",") if size.strip()]
             if memory_sizes:
                 result["peak_memory_mib"] = measure_memory(args, memory_sizes)
-            result["complete"] = True
-    except Interrupted as stop:
-        result["interrupted"] = str(stop)
-        print(f"throughput.py: interrupted ({stop}); writing what was measured", flush=True)
+            result["complete"] = not failures
+    except Exception as error:
+        if not _stopped(error):
+            raise
+        result["interrupted"] = f"signal {STOPPED.get('signal', 15)}"
+        print(f"throughput.py: interrupted ({result['interrupted']}); writing what was measured", flush=True)
     finally:
         write_json(result, args.json)
-    if "interrupted" in result:
-        raise SystemExit(124)
+    if "interrupted" in result:  # at once: torch.compile's worker threads and processes may never join
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(124)
+    if result.get("task_errors"):
+        raise SystemExit(1)
 
 
 def report(args, result: dict, times: dict, variants, n_ours: int, n_theirs: int | None) -> None:
