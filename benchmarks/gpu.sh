@@ -7,7 +7,7 @@
 # benchmarks/gpu_prepare.sh (wheels and a `git archive` of HEAD in .gpu/), then run it there from the
 # repository root:
 #
-#   bash benchmarks/gpu.sh             # on the GPU machine (run tool: carry .gpu, timeout_s 560)
+#   bash benchmarks/gpu.sh             # on the GPU machine (run tool: carry .gpu, timeout_s 540)
 #   bash benchmarks/gpu.sh --dry-run   # here, on the CPU: every step with --device cpu and tiny settings
 #
 # Options: --dry-run (or GPU_SH_CPU_CHECK=1): the CPU check; --head: run the code in .gpu/head.tar (the
