@@ -16,7 +16,13 @@ the loss under ``torch.autocast(device, dtype=torch.bfloat16)`` with fp32 weight
 gradient clipping (``precision.precision_context``); for sampling, each denoiser call (the network
 forward) under the same autocast. ``--compile`` adds both precisions with the network under
 ``torch.compile``. Prints images/s for each variant and its ratio to fp32 (> 1 means faster than fp32).
-``--precision-only`` skips diffusers.
+``--precision-only`` skips diffusers. ``--compile-mode`` picks torch.compile's mode (``reduce-overhead``
+replays CUDA graphs) and ``--compile-precisions`` the precisions compiled.
+
+Each variant's achieved TFLOP/s comes from the model FLOPs per image that
+``torch.utils.flop_counter.FlopCounterMode`` counts (one training step: forward and backward; sampling: one
+forward per step), and with ``--peak-tflops`` (the chip's measured bf16 matmul peak) its fraction of that peak
+("MFU"). A task that fails is left out and reported in ``task_errors``; SIGTERM writes what was measured.
 
     python benchmarks/throughput.py [--preset digits] [--batch-size 64] [--rounds 5] [--json out.json]
     python benchmarks/throughput.py --precision-only --rounds 3
