@@ -395,3 +395,49 @@ def test_eval_samples_a_pixel_folder_with_nll(folder, tmp_path):
     assert main(args) == 0
     scores = json.loads(report.read_text())
     assert scores["counts"]["samples"] == 4 and scores["scores"]["nll_bpd"] > 0
+
+
+@pytest.mark.parametrize("where", ["inside", "scheduler_dir", "beside"])
+def test_bare_unet_folder_with_a_scheduler_config(folder, pipe, tmp_path, where):
+    """A folder written by UNet2DModel.save_pretrained, with the scheduler config in it or beside it, loads as
+    the same model as the pipeline folder it came from."""
+    bare = tmp_path / "model" / "unet"
+    shutil.copytree(folder / "unet", bare)
+    source = folder / "scheduler" / "scheduler_config.json"
+    target = {"inside": bare / "scheduler_config.json", "scheduler_dir": bare / "scheduler" / "scheduler_config.json",
+              "beside": tmp_path / "model" / "scheduler" / "scheduler_config.json"}[where]  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+    loaded = inkwash.load(bare, device="cpu")
+    assert loaded.config["pipeline"] == "UNet2DModel" and loaded.image_shape == pipe.image_shape
+    options = {"sampler": "ddim", "steps": 4, "num_images": 2, "seed": 3, "show_progress": False}
+    assert np.array_equal(loaded.generate(**options), pipe.generate(**options))
+
+
+def test_bare_unet_folder_without_a_scheduler_config(folder, tmp_path):
+    bare = tmp_path / "unet"
+    shutil.copytree(folder / "unet", bare)
+    with pytest.raises(InkwashError, match="a bare UNet2DModel folder needs a scheduler config"):
+        inkwash.load(bare, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"num_train_timesteps": 500},
+        {"beta_start": 0.0005, "beta_end": 0.03},
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+    ],
+)
+def test_scheduler_fields_give_diffusers_alpha_bar(folder, tmp_path, fields):
+    """num_train_timesteps, beta_start / beta_end, beta_schedule and rescale_betas_zero_snr: the loaded schedule's
+    alpha_bar is diffusers' alphas_cumprod for the same config."""
+    loaded = _folder_with(folder, tmp_path, **fields)
+    config = json.loads((tmp_path / "copy" / "scheduler" / "scheduler_config.json").read_text())
+    theirs = diffusers.DDPMScheduler.from_config(config)
+    assert loaded.schedule.num_steps == theirs.config.num_train_timesteps
+    torch.testing.assert_close(loaded.schedule.alpha_bar, theirs.alphas_cumprod.double(), rtol=1e-5, atol=1e-7)
+    if fields.get("rescale_betas_zero_snr"):
+        assert float(loaded.schedule.alpha_bar[-1]) == 0.0 and loaded.config["prediction"] == "v"

@@ -51,9 +51,39 @@ REQUIRED_VALUES = {"trained_betas": None, "timestep_type": "discrete"}
 SPACINGS = {"leading": "leading", "trailing": "trailing", "linspace": "uniform"}
 
 
+def is_bare_unet_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``UNet2DModel.save_pretrained`` (its config.json names the class;
+    an inkwash checkpoint's config.json has no ``_class_name``)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("_class_name") == "UNet2DModel"
+
+
 def is_diffusers_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder written by a diffusers pipeline's ``save_pretrained``."""
-    return (Path(path) / INDEX_FILE).is_file()
+    """Whether ``path`` is a folder written by a diffusers pipeline's ``save_pretrained``, or a bare
+    ``UNet2DModel`` folder (which needs a scheduler config beside it)."""
+    return (Path(path) / INDEX_FILE).is_file() or is_bare_unet_folder(path)
+
+
+def _bare_scheduler_config(path: Path) -> Path:
+    """The scheduler config of a bare UNet2DModel folder: scheduler_config.json in it (the layout of
+    google/ddpm-cifar10-32's first uploads), else scheduler/ in it or beside it."""
+    for candidate in (
+        path / "scheduler_config.json",
+        path / "scheduler" / "scheduler_config.json",
+        path.parent / "scheduler" / "scheduler_config.json",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise InkwashError(
+        f"{path}: a bare UNet2DModel folder needs a scheduler config: scheduler_config.json in it, or a scheduler/"
+        " folder in it or beside it"
+    )
 
 
 def is_stable_diffusion_folder(path: str | Path) -> bool:
@@ -192,20 +222,23 @@ def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu"
     path = Path(path)
     if not is_diffusers_folder(path):
         raise InkwashError(f"{path}: not a diffusers pipeline folder (no {INDEX_FILE})")
-    index = _read_json(path / INDEX_FILE, INDEX_FILE)
-    kind = index.get("_class_name")
-    if kind not in SUPPORTED_PIPELINES:
-        raise InkwashError(f"{path}: {kind} folders are not supported yet (only {' / '.join(SUPPORTED_PIPELINES)})")
-    for component in ("unet", "scheduler"):
-        if not (path / component).is_dir():
-            raise InkwashError(f"{path}: missing the {component}/ folder")
-    unet_dir = path / "unet"
+    if (path / INDEX_FILE).is_file():
+        index = _read_json(path / INDEX_FILE, INDEX_FILE)
+        kind = index.get("_class_name")
+        if kind not in SUPPORTED_PIPELINES:
+            raise InkwashError(f"{path}: {kind} folders are not supported yet (only {' / '.join(SUPPORTED_PIPELINES)})")
+        for component in ("unet", "scheduler"):
+            if not (path / component).is_dir():
+                raise InkwashError(f"{path}: missing the {component}/ folder")
+        unet_dir, scheduler_file = path / "unet", path / "scheduler" / "scheduler_config.json"
+    else:
+        kind, unet_dir, scheduler_file = "UNet2DModel", path, _bare_scheduler_config(path)
     unet_config = _read_json(unet_dir / "config.json", "the unet config")
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
+    scheduler_config = _read_json(scheduler_file, "the scheduler config")
     if not (unet_dir / WEIGHTS_FILE).is_file():
         if any(unet_dir.glob("*.bin")):
             raise InkwashError(f"{unet_dir} has only pickled .bin weights; convert them to safetensors")
-        raise InkwashError(f"{path}: missing the unet weights (unet/{WEIGHTS_FILE})")
+        raise InkwashError(f"{path}: missing the unet weights ({unet_dir.relative_to(path) / WEIGHTS_FILE})")
     size = _check_unet(unet_config, str(path))
     schedule, prediction = schedule_from_config(scheduler_config, str(path))
     sampling = sampling_from_config(scheduler_config, str(path))
