@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -356,5 +357,18 @@ def test_checkpoint_takes_a_pixel_diffusers_folder(models):
     app = create_app(ServeOptions(checkpoint=str(models / "pixels" / "ddpm"), device="cpu"))
     with TestClient(app, raise_server_exceptions=False) as client:
         assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["ddpm"]
+        images, _ = generate(client, steps=2, seed=1)
+        assert images.shape == (1, 16, 16, 3)
+
+
+def test_checkpoint_takes_a_bare_unet_folder(models, tmp_path):
+    """A folder written by UNet2DModel.save_pretrained with scheduler_config.json in it serves like its pipeline."""
+    bare = tmp_path / "bare"
+    shutil.copytree(models / "pixels" / "ddpm" / "unet", bare)
+    shutil.copy(models / "pixels" / "ddpm" / "scheduler" / "scheduler_config.json", bare / "scheduler_config.json")
+    app = create_app(ServeOptions(checkpoint=str(bare), device="cpu"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["bare"]
+        assert client.get("/sdapi/v1/sd-models").json()[0]["sha256"]
         images, _ = generate(client, steps=2, seed=1)
         assert images.shape == (1, 16, 16, 3)

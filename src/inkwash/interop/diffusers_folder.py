@@ -70,7 +70,7 @@ def is_diffusers_folder(path: str | Path) -> bool:
     return (Path(path) / INDEX_FILE).is_file() or is_bare_unet_folder(path)
 
 
-def _bare_scheduler_config(path: Path) -> Path:
+def bare_scheduler_config(path: Path) -> Path:
     """The scheduler config of a bare UNet2DModel folder: scheduler_config.json in it (the layout of
     google/ddpm-cifar10-32's first uploads), else scheduler/ in it or beside it."""
     for candidate in (
@@ -232,7 +232,7 @@ def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu"
                 raise InkwashError(f"{path}: missing the {component}/ folder")
         unet_dir, scheduler_file = path / "unet", path / "scheduler" / "scheduler_config.json"
     else:
-        kind, unet_dir, scheduler_file = "UNet2DModel", path, _bare_scheduler_config(path)
+        kind, unet_dir, scheduler_file = "UNet2DModel", path, bare_scheduler_config(path)
     unet_config = _read_json(unet_dir / "config.json", "the unet config")
     scheduler_config = _read_json(scheduler_file, "the scheduler config")
     if not (unet_dir / WEIGHTS_FILE).is_file():

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from inkwash.checkpoint import CONFIG_FILE, newest_checkpoint, read_config
 from inkwash.errors import InkwashError
-from inkwash.interop.diffusers_folder import INDEX_FILE, is_diffusers_folder, is_stable_diffusion_folder
+from inkwash.interop.diffusers_folder import (
+    INDEX_FILE,
+    bare_scheduler_config,
+    is_diffusers_folder,
+    is_stable_diffusion_folder,
+)
 from inkwash.pipeline import Pipeline, class_names
 
 
@@ -74,9 +79,14 @@ def _side(value: object, path: Path) -> int:
 
 def _diffusers_entry(name: str, path: Path) -> ModelEntry:
     """An entry for a diffusers folder, from its JSON files alone (``Pipeline.load`` checks the rest)."""
-    index = _json(path / INDEX_FILE)
-    unet = _json(path / "unet" / "config.json")
-    scheduler = _json(path / "scheduler" / "scheduler_config.json")
+    if (path / INDEX_FILE).is_file():
+        index = _json(path / INDEX_FILE)
+        unet = _json(path / "unet" / "config.json")
+        scheduler = _json(path / "scheduler" / "scheduler_config.json")
+    else:  # a bare UNet2DModel folder, its scheduler config in it or beside it
+        index = {"_class_name": "UNet2DModel"}
+        unet = _json(path / "config.json")
+        scheduler = _json(bare_scheduler_config(path))
     steps = scheduler.get("num_train_timesteps", 1000)
     if not isinstance(steps, int) or steps < 2:
         raise InkwashError(f"{path}: num_train_timesteps {steps!r} is not supported")
@@ -185,7 +195,7 @@ class ModelStore:
         with self._lock:
             if name not in self._hashes:
                 checkpoint = self.entry(name).checkpoint
-                if is_diffusers_folder(checkpoint):
+                if is_diffusers_folder(checkpoint) and (checkpoint / "unet").is_dir():
                     checkpoint = checkpoint / "unet"
                 files = sorted(checkpoint.glob("*.safetensors"), key=lambda p: (p.name != "ema.safetensors", p.name))
                 digest = hashlib.sha256()
