@@ -364,3 +364,14 @@ def test_eval_samples_a_stable_diffusion_folder(folder, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args[:-2], "--metrics", "nll"]) != 0
     assert "nll metric needs a pixel-space model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("picked", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_auto_precision_picks_the_weights_dtype(folder, monkeypatch, picked, dtype):
+    """``--precision auto`` (what inkwash sample, eval and serve pass to the loader) holds a Stable Diffusion
+    folder's weights in the dtype auto picks on the device (INKWASH_PRECISION stands in for the CPU's flags)."""
+    monkeypatch.setenv("INKWASH_PRECISION", picked)
+    loaded = inkwash.load(folder, device="cpu", precision="auto")
+    assert {p.dtype for p in loaded.model.parameters()} == {dtype}
+    assert {p.dtype for p in loaded.vae.parameters()} == {dtype}
+    assert loaded.config["weights_precision"] == picked

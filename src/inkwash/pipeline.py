@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from inkwash.checkpoint import load_model, resolve_checkpoint
 from inkwash.core.denoiser import ModelDenoiser
+from inkwash.core.precision import resolve_precision
 from inkwash.core.schedule import NoiseSchedule
 from inkwash.core.sigmas import build_sigmas
 from inkwash.core.unet import UNet
@@ -247,13 +248,14 @@ class Pipeline:
         the EMA weights (the default) or the raw ones; ``device`` is auto, cpu, cuda or a torch.device. A
         diffusers ``DDPMPipeline`` / ``DDIMPipeline`` folder and a ``StableDiffusionPipeline`` folder are loaded
         too (``use_ema`` does not apply). ``precision`` is the dtype a Stable Diffusion folder's weights are held
-        in: fp32, or fp16 / bf16 to halve their memory (an inkwash checkpoint keeps fp32 weights, and each call's
-        ``precision`` autocasts)."""
+        in: fp32, or fp16 / bf16 to halve their memory, or auto (what ``--precision auto`` picks on the device: bf16
+        on a CPU with bf16 instructions, else fp32); an inkwash checkpoint keeps fp32 weights, and each call's
+        ``precision`` autocasts."""
         placed = device if isinstance(device, torch.device) else inference_device(device, "fp32")
         if is_stable_diffusion_folder(path):
             from inkwash.interop.stable_diffusion import load_stable_diffusion
 
-            return load_stable_diffusion(path, placed, precision)
+            return load_stable_diffusion(path, placed, resolve_precision(precision, placed))
         if is_diffusers_folder(path):
             return load_diffusers_pipeline(path, placed)
         checkpoint = resolve_checkpoint(path)

@@ -34,7 +34,10 @@ def sample_run(options: SampleOptions) -> dict:
     """Sample ``options.num_images`` images (or ``per_class`` of every class with ``grid_by_class``) and
     write PNGs, grid.png, samples.npz, reverse.png and sampling.json."""
     check_request(options)  # before the weights are read
-    pipe = Pipeline.load(options.checkpoint, use_ema=options.use_ema, device=options.device)
+    # --precision also picks the dtype of a Stable Diffusion folder's weights (fp16 / bf16 halve their memory)
+    pipe = Pipeline.load(
+        options.checkpoint, use_ema=options.use_ema, device=options.device, precision=options.precision
+    )
     job = pipe.prepare(options)  # every check, and the init image and mask read, before anything is written
     out = Path(options.out)
     if out.exists() and not out.is_dir():

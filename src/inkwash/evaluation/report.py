@@ -139,7 +139,8 @@ def sample_diffusers_folder(options: EvalOptions, settings: MetricSettings) -> t
     denoiser for the nll metric (None for Stable Diffusion, whose latent model has no pixel likelihood here)."""
     from inkwash.pipeline import Pipeline
 
-    pipe = Pipeline.load(options.checkpoint, device=inference_device(options.device, options.precision))
+    device = inference_device(options.device, options.precision)
+    pipe = Pipeline.load(options.checkpoint, device=device, precision=options.precision)
     given = {
         "sampler": options.sampler,
         "steps": options.steps,

@@ -169,7 +169,9 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(options: ServeOptions) -> FastAPI:
     """The server's application: its models are found now, each loaded on first use and kept."""
     options.validate()
-    store = ModelStore(find_models(options.checkpoint, options.models), device=options.device)
+    store = ModelStore(
+        find_models(options.checkpoint, options.models), device=options.device, precision=options.precision
+    )
     worker = Worker(options.queue_size)
     previews = PreviewCache()
 

@@ -150,10 +150,11 @@ def find_models(checkpoint: str | None, models_dir: str | None) -> list[ModelEnt
 class ModelStore:
     """The models on offer, the current one, and the pipelines loaded so far (each loaded once)."""
 
-    def __init__(self, entries: list[ModelEntry], device: str = "auto") -> None:
+    def __init__(self, entries: list[ModelEntry], device: str = "auto", precision: str = "fp32") -> None:
         self.entries = {entry.name: entry for entry in entries}
         self.current = entries[0].name
         self.device = device
+        self.precision = precision  # a Stable Diffusion folder's weights are loaded in it (Pipeline.load)
         self._pipelines: dict[str, Pipeline] = {}
         self._hashes: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -186,7 +187,7 @@ class ModelStore:
         with self._lock:
             if name not in self._pipelines:
                 entry = self.entry(name)
-                self._pipelines[name] = Pipeline.load(entry.checkpoint, device=self.device)
+                self._pipelines[name] = Pipeline.load(entry.checkpoint, device=self.device, precision=self.precision)
             return self._pipelines[name]
 
     def sha256(self, name: str) -> str:
