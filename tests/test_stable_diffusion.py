@@ -375,3 +375,14 @@ def test_auto_precision_picks_the_weights_dtype(folder, monkeypatch, picked, dty
     assert {p.dtype for p in loaded.model.parameters()} == {dtype}
     assert {p.dtype for p in loaded.vae.parameters()} == {dtype}
     assert loaded.config["weights_precision"] == picked
+
+
+def test_fp16_variant_weights_load(folder, pipe, tmp_path):
+    """A folder that ships only ``*.fp16.safetensors`` weights (the "fp16 variant" layout) loads them."""
+    variant = _copy(folder, tmp_path)
+    for component, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                            ("text_encoder", "model")):  # fmt: skip
+        (variant / component / f"{stem}.safetensors").rename(variant / component / f"{stem}.fp16.safetensors")
+    loaded = inkwash.load(variant, device="cpu")
+    common = {"prompt": PROMPT, "steps": 3, "num_images": 1, "seed": 4, "show_progress": False}
+    assert np.array_equal(loaded.generate(**common), pipe.generate(**common))
