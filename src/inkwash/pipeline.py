@@ -117,7 +117,7 @@ def open_image(path: Path, what: str) -> Image.Image:
         raise InkwashError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from None
 
 
-def _from_array(array: np.ndarray, what: str) -> Image.Image:
+def image_from_array(array: np.ndarray, what: str) -> Image.Image:
     """A PIL image from a uint8 (H, W) or (H, W, C) array; a boolean mask becomes 0 / 255."""
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
@@ -126,10 +126,10 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
-def _as_image(source: ImageInput, what: str) -> Image.Image:
+def as_image(source: ImageInput, what: str) -> Image.Image:
     """A PIL image from a file path, a PIL image or a uint8 array."""
     if isinstance(source, np.ndarray):
-        return _from_array(source, what)
+        return image_from_array(source, what)
     if isinstance(source, Image.Image):
         return source
     return open_image(Path(source), what)
@@ -139,11 +139,11 @@ def read_init(source: ImageInput, channels: int, size: int, show: bool) -> tuple
     """The init image(s) as (N, C, H, W) in [-1, 1], and the (width, height) of a single one (None for a
     folder or a batch, whose images are each cropped to the model's square, and the mask with them)."""
     if isinstance(source, np.ndarray) and source.ndim == 4:
-        images = [_from_array(image, "init image") for image in source]
+        images = [image_from_array(image, "init image") for image in source]
         return to_unit_range(np.stack([prepare_image(image, channels, size) for image in images])), None
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         return load_folder(Path(source), channels, size, show_progress=show, cache=False).images, None
-    image = _as_image(source, "init image")
+    image = as_image(source, "init image")
     return to_unit_range(prepare_image(image, channels, size)[None]), image.size
 
 
@@ -151,7 +151,7 @@ def read_mask(source: ImageInput, size: int, init_size: tuple | None, show: bool
     """The mask (white or True = generate, black = keep) as (1, 1, size, size) in {0, 1}. A mask of
     another size than a single init image is first resized to that image's size, as the WebUI does, so
     that both are cropped to the same region."""
-    image = _as_image(source, "mask")
+    image = as_image(source, "mask")
     if init_size is not None and image.size != init_size:
         if show:
             width, height = init_size
@@ -253,7 +253,7 @@ class Pipeline:
         ``precision`` autocasts."""
         placed = device if isinstance(device, torch.device) else inference_device(device, "fp32")
         if is_stable_diffusion_folder(path):
-            from inkwash.interop.stable_diffusion import load_stable_diffusion
+            from inkwash.interop.stable_diffusion_folder import load_stable_diffusion
 
             return load_stable_diffusion(path, placed, resolve_precision(precision, placed))
         if is_diffusers_folder(path):

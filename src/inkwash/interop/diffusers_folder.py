@@ -98,7 +98,7 @@ def is_stable_diffusion_folder(path: str | Path) -> bool:
     return isinstance(kind, str) and kind.startswith("StableDiffusion")
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise InkwashError(f"{path.parent.parent}: missing {what} ({path.parent.name}/{path.name})")
     try:
@@ -223,7 +223,7 @@ def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu"
     if not is_diffusers_folder(path):
         raise InkwashError(f"{path}: not a diffusers pipeline folder (no {INDEX_FILE})")
     if (path / INDEX_FILE).is_file():
-        index = _read_json(path / INDEX_FILE, INDEX_FILE)
+        index = read_json(path / INDEX_FILE, INDEX_FILE)
         kind = index.get("_class_name")
         if kind not in SUPPORTED_PIPELINES:
             raise InkwashError(f"{path}: {kind} folders are not supported yet (only {' / '.join(SUPPORTED_PIPELINES)})")
@@ -233,8 +233,8 @@ def load_diffusers_pipeline(path: str | Path, device: torch.device | str = "cpu"
         unet_dir, scheduler_file = path / "unet", path / "scheduler" / "scheduler_config.json"
     else:
         kind, unet_dir, scheduler_file = "UNet2DModel", path, bare_scheduler_config(path)
-    unet_config = _read_json(unet_dir / "config.json", "the unet config")
-    scheduler_config = _read_json(scheduler_file, "the scheduler config")
+    unet_config = read_json(unet_dir / "config.json", "the unet config")
+    scheduler_config = read_json(scheduler_file, "the scheduler config")
     if not (unet_dir / WEIGHTS_FILE).is_file():
         if any(unet_dir.glob("*.bin")):
             raise InkwashError(f"{unet_dir} has only pickled .bin weights; convert them to safetensors")

@@ -48,7 +48,7 @@ class SampleResult:
     interrupted: bool = False  # an ``on_step`` hook stopped the run; ``images`` holds the batches it reached
 
 
-def _rows(images: torch.Tensor, start: int, count: int) -> torch.Tensor:
+def cycle_rows(images: torch.Tensor, start: int, count: int) -> torch.Tensor:
     """Rows start .. start+count-1 of a (N, ...) tensor, cycling; a single row is broadcast."""
     index = torch.arange(start, start + count) % images.shape[0]
     return images[index]
@@ -150,7 +150,7 @@ def generate(
         count = min(batch_size, num_images - start)
         rng = SampleRNG(sample_seeds(seed, count, start), device=device)
         batch_denoiser = model_denoiser
-        cond = None if labels is None else _rows(labels, start, count).to(device)  # (B,)
+        cond = None if labels is None else cycle_rows(labels, start, count).to(device)  # (B,)
         first_noise = rng.randn(image_shape)
         if subseed is not None and subseed_strength > 0:
             variation = SampleRNG(sample_seeds(subseed, count, start), device=device).randn(image_shape)
@@ -159,11 +159,11 @@ def generate(
         if init is None:
             x = first_noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)  # DDPM's N(0, I) prior at sigma_max
         else:
-            batch_init = _rows(init, start, count).to(device)
+            batch_init = cycle_rows(init, start, count).to(device)
             x = batch_init + float(sigmas[0]) * first_noise
             if mask is not None:
                 batch_denoiser = InpaintDenoiser(
-                    model_denoiser, batch_init, _rows(mask, start, count).to(device), first_noise
+                    model_denoiser, batch_init, cycle_rows(mask, start, count).to(device), first_noise
                 )
         keep = trajectory if start == 0 else None
 
