@@ -238,12 +238,14 @@ COMMANDS = {
         config_file=True,
     ),
     "sample": Command(
-        "sample images from a trained run",
-        "Sample images from a run directory written by 'inkwash train'. Writes one PNG per image, grid.png, "
-        "samples.npz (uint8 N x H x W x C under 'samples') and reverse.png.",
+        "sample images from a trained run or a diffusers folder",
+        "Sample images from a run directory written by 'inkwash train', or a diffusers pipeline folder (DDPM, "
+        "DDIM, Stable Diffusion). Writes one PNG per image, grid.png, samples.npz (uint8 N x H x W x C under "
+        "'samples') and reverse.png.",
         (
             "inkwash sample --checkpoint runs/digits --out samples --sampler ddim --steps 50 --num-images 64",
             "inkwash sample --checkpoint runs/digits_cond --out threes --class 3 --guidance-scale 3",
+            "inkwash sample --checkpoint stable-diffusion-v1-5 --out cats --prompt 'a cat' --width 640 --height 384",
         ),
         cmd_sample,
         SampleOptions,
