@@ -53,10 +53,10 @@ def load(
 ) -> Pipeline:
     """A ``Pipeline`` for a run folder (its newest complete checkpoint), one checkpoint folder, a diffusers
     ``DDPMPipeline`` / ``DDIMPipeline`` folder or a ``StableDiffusionPipeline`` folder (safetensors weights); its
-    ``generate(...)`` samples images (``prompt=``, ``negative_prompt=``, ``width=``, ``height=`` for Stable
-    Diffusion). ``use_ema`` picks the EMA weights (the default) or the raw ones; ``device`` is auto (the GPU when
-    there is one), cpu, cuda or a ``torch.device``; ``precision`` (fp32, fp16, bf16) is the dtype a Stable
-    Diffusion folder's weights are held in."""
+    ``generate(...)`` samples images (``prompt=``, ``negative_prompt=``, ``width=``, ``height=``, ``emphasis=``
+    for Stable Diffusion). ``use_ema`` picks the EMA weights (the default) or the raw ones; ``device`` is auto
+    (the GPU when there is one), cpu, cuda or a ``torch.device``; ``precision`` (fp32, fp16, bf16) is the dtype a
+    Stable Diffusion folder's weights are held in."""
     from inkwash.pipeline import Pipeline
 
     return Pipeline.load(path, use_ema=use_ema, device=device, precision=precision)

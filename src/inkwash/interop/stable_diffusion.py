@@ -3,7 +3,8 @@ inkwash sampler and step schedule in latent space, text prompts with a negative 
 img2img and inpainting. The folder is read by ``stable_diffusion_folder``.
 
 The folder's ``unet/`` (``UNet2DConditionModel``) becomes the network behind inkwash's denoiser contract, its
-``cond`` the prompt's CLIP embeddings (``text.PromptEncoder``); classifier-free guidance uses the negative
+``cond`` the prompt's CLIP embeddings (``text.PromptEncoder``; the WebUI's emphasis syntax and prompts longer
+than 75 tokens in chunks of 77 positions unless ``emphasis`` is off); classifier-free guidance uses the negative
 prompt's embedding where the empty prompt's would be. The sampler runs on latents scaled by the VAE's
 ``scaling_factor``; each finished batch is decoded by ``vae/`` (``AutoencoderKL``). img2img encodes the init
 image with the VAE (the mean of its latent distribution: deterministic, where diffusers samples it);
@@ -64,7 +65,8 @@ class LatentJob(SampleJob):
 
 class StableDiffusion(Pipeline):
     """A Stable Diffusion folder, ready to sample: ``generate(prompt=..., negative_prompt=..., width=...,
-    height=..., ...)`` with every ``SampleOptions`` field that is not about classes. Also ``vae``,
+    height=..., ...)`` with every ``SampleOptions`` field that is not about classes (``emphasis=False`` reads
+    prompts as diffusers does). Also ``vae``,
     ``prompts`` (the ``PromptEncoder``), ``encode(pixels)`` and ``decode(latents)``."""
 
     text_conditional = True
@@ -173,8 +175,12 @@ class StableDiffusion(Pipeline):
                 pixel_mask = torch.from_numpy((np.asarray(gray) > 127).astype(np.float32))[None, None]
                 latent_mask = F.max_pool2d(pixel_mask, self.downsample)  # (1, 1, h, w)
             sigmas = strength_sigmas(sigmas, options.strength)
-        cond = self.prompts.encode([options.prompt or ""], warn=options.show_progress)  # (1, L, D)
-        null = self.prompts.encode([options.negative_prompt or ""])
+        emphasis = options.emphasis
+        cond = self.prompts.encode([options.prompt or ""], warn=options.show_progress, emphasis=emphasis)  # (1, L, D)
+        null = self.prompts.encode([options.negative_prompt or ""], emphasis=emphasis)
+        if emphasis:  # guidance batches both: the shorter gets the empty prompt's chunks
+            length = max(cond.shape[1], null.shape[1])
+            cond, null = self.prompts.pad_chunks(cond, length), self.prompts.pad_chunks(null, length)
         scale = DEFAULT_GUIDANCE if options.guidance_scale is None else options.guidance_scale
         return LatentJob(
             options,

@@ -111,6 +111,12 @@ class SampleOptions:
     negative_prompt: str | None = option(
         None, "Stable Diffusion folders: guidance steers away from this prompt (it replaces the empty prompt)"
     )
+    emphasis: bool = option(
+        True,
+        "Stable Diffusion folders: read prompts as diffusers does (at most 75 tokens, no weights) instead of with "
+        "the WebUI's syntax: (word:1.3), (word), [word], BREAK, and any length in chunks of 75 tokens",
+        flag="--no-emphasis",
+    )
     width: int | None = option(
         None,
         "Stable Diffusion folders: image width, a multiple of 8 (default: the model's, or the init image's)",
