@@ -51,7 +51,9 @@ def precision_option(
 
 @dataclass
 class SampleOptions:
-    checkpoint: str = option(help="a run directory, a checkpoint folder, or a diffusers pipeline folder (DDPM, DDIM, Stable Diffusion)")
+    checkpoint: str = option(
+        help="a run directory, a checkpoint folder, or a diffusers pipeline folder (DDPM, DDIM, Stable Diffusion)"
+    )
     out: str = option(help="output directory")
     sampler: str = sampler_option("a sampler id or WebUI name, e.g. ddim, 'Euler a', dpmpp_2m; see 'inkwash samplers'")
     steps: int | None = option(None, "sampler steps (default: 1000 for ddpm, 50 for the others)", minimum=1)
