@@ -353,34 +353,47 @@ class Pipeline:
         trajectory of ``strip_points`` steps of the first batch. ``on_batch(start, images)`` sees each
         batch as it is done; ``on_step(state)`` each step, and may stop the run by raising
         ``inkwash.sampling.generate.SamplingInterrupted``."""
+        inference_device(self.device.type, job.options.precision)  # warns when the precision is slow here
+        return self.sample_job(job, self.image_shape, on_batch=on_batch, on_step=on_step)
+
+    def sample_job(
+        self,
+        job: SampleJob,
+        shape: tuple,
+        *,
+        on_batch: Callable[[int, torch.Tensor], None] | None = None,
+        on_step: Callable[[dict], None] | None = None,
+        **overrides: Any,
+    ) -> SampleResult:
+        """``generate`` with ``job``'s settings on images (or latents) of ``shape``, recording ``strip_points``
+        steps of the first batch; ``overrides`` replace generate's arguments (a latent model's clipping,
+        output range and precision)."""
         options = job.options
-        inference_device(self.device.type, options.precision)  # warns when the precision is slow here
         points = options.strip_points
         record = sorted({round(i * (job.steps_run - 1) / max(1, points - 1)) for i in range(points)})
-        return generate(
-            self.compiled_denoiser() if options.compile else self.denoiser,
-            self.image_shape,
-            job.sigmas,
-            sampler=job.sampler.id,
-            num_images=job.num_images,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            sampler_options=job.sampler_options,
-            record=record,
-            show_progress=options.show_progress,
-            on_batch=on_batch,
-            init=job.init,
-            mask=job.mask,
-            labels=job.labels,
-            guidance_scale=job.guidance_scale,
-            null_label=job.guidance_label,
-            clip_denoised=options.clip_denoised,
-            device=self.device,
-            precision=options.precision,
-            subseed=options.subseed,
-            subseed_strength=options.subseed_strength,
-            on_step=on_step,
-        )
+        arguments = {
+            "sampler": job.sampler.id,
+            "num_images": job.num_images,
+            "batch_size": options.batch_size,
+            "seed": options.seed,
+            "sampler_options": job.sampler_options,
+            "record": record,
+            "show_progress": options.show_progress,
+            "on_batch": on_batch,
+            "init": job.init,
+            "mask": job.mask,
+            "labels": job.labels,
+            "guidance_scale": job.guidance_scale,
+            "null_label": job.guidance_label,
+            "clip_denoised": options.clip_denoised,
+            "device": self.device,
+            "precision": options.precision,
+            "subseed": options.subseed,
+            "subseed_strength": options.subseed_strength,
+            "on_step": on_step,
+        }
+        denoiser = self.compiled_denoiser() if options.compile else self.denoiser
+        return generate(denoiser, shape, job.sigmas, **{**arguments, **overrides})
 
     def sample_options(self, **given: Any) -> SampleOptions:
         """``SampleOptions`` for this pipeline from keyword arguments (the defaults are the dataclass's, and a

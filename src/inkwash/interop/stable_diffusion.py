@@ -30,7 +30,7 @@ from inkwash.data.loading import to_unit_range
 from inkwash.errors import InkwashError
 from inkwash.interop.text import PromptEncoder
 from inkwash.pipeline import ImageInput, Pipeline, SampleJob, as_image, check_request, image_from_array
-from inkwash.sampling.generate import SampleResult, cycle_rows, generate
+from inkwash.sampling.generate import SampleResult, cycle_rows
 from inkwash.sampling.img2img import strength_sigmas
 from inkwash.sampling.options import SampleOptions, inference_device, sampler_options
 from inkwash.sampling.samplers import SamplerInfo
@@ -230,33 +230,15 @@ class StableDiffusion(Pipeline):
             if on_batch is not None:
                 on_batch(start, pixels)
 
-        points = options.strip_points
-        record = sorted({round(i * (job.steps_run - 1) / max(1, points - 1)) for i in range(points)})
         shape = (self.latent_channels, job.height // self.downsample, job.width // self.downsample)
-        result = generate(
-            self.compiled_denoiser() if options.compile else self.denoiser,
+        result = self.sample_job(
+            job,
             shape,
-            job.sigmas,
-            sampler=job.sampler.id,
-            num_images=job.num_images,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            sampler_options=job.sampler_options,
-            record=record,
-            show_progress=options.show_progress,
             on_batch=decode_batch,
-            init=job.init,
-            mask=job.mask,
-            labels=job.labels,
-            guidance_scale=job.guidance_scale,
-            null_label=job.guidance_label,
+            on_step=on_step,
             clip_denoised=False,
             output_range=None,
-            device=self.device,
             precision=precision,
-            subseed=options.subseed,
-            subseed_strength=options.subseed_strength,
-            on_step=on_step,
         )
         images = torch.cat(decoded) if decoded else torch.empty(0, 3, job.height, job.width)
         return SampleResult(images=images, nfe=result.nfe, trajectory=result.trajectory, interrupted=result.interrupted)
