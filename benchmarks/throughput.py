@@ -70,7 +70,7 @@ def diffusers_twin(config, num_class_embeds: int | None = None, *, resnet_time_s
 
     widths = tuple(config.base_channels * m for m in config.channel_mult)
     down, up = [], []
-    res = config.image_size
+    res = config.grid_size  # attention on the same levels as inkwash's (its sizes count grid positions)
     for _ in widths:
         down.append("AttnDownBlock2D" if res in config.attention_resolutions else "DownBlock2D")
         res //= 2

@@ -260,8 +260,9 @@ def _refusal(error: InkwashError, fragment: str) -> None:
             preset("digits", base_channels=48, num_groups=16, attention_resolutions=(16,)),
             "attention layers have heads of",
         ),
+        (preset("digits", patch_size=2), "patch size is 2"),
     ],
-    ids=["tiny", "class-conditional", "channel-mult", "out-channels", "head-dims"],
+    ids=["tiny", "class-conditional", "channel-mult", "out-channels", "head-dims", "patch"],
 )
 def test_networks_diffusers_cannot_hold_are_refused(tmp_path, config, fragment):
     run = save_run(tmp_path / "run", config)

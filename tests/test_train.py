@@ -113,6 +113,22 @@ def test_dropout_option_overrides_the_preset(tmp_path):
         train(TrainConfig(out=str(tmp_path / "bad"), preset="tiny", steps=1, dropout=1.0), show_progress=False)
 
 
+def test_width_and_patch_options_override_the_preset_and_load_back(tmp_path):
+    from inkwash import load
+    from inkwash.checkpoint import read_config
+
+    train(
+        TrainConfig(out=str(tmp_path), preset="tiny", steps=2, batch_size=2, base_channels=8, patch_size=2),
+        show_progress=False,
+    )
+    unet = read_config(tmp_path)["unet"]
+    assert (unet["base_channels"], unet["patch_size"]) == (8, 2)
+    pipe = load(str(tmp_path))
+    assert pipe.generate(num_images=1, steps=2, seed=0).shape == (1, 16, 16, 1)  # NHWC pixels
+    with pytest.raises(InkwashError, match="patch size 3"):
+        train(TrainConfig(out=str(tmp_path / "bad"), preset="tiny", steps=1, patch_size=3), show_progress=False)
+
+
 def test_cosine_lr_decays_by_the_end_of_a_time_limited_run(tmp_path):
     # The demo trains for a time, not a step count: the cosine decay must follow the estimated last
     # step, not the nominal --steps (which a time-limited run never reaches).

@@ -66,3 +66,49 @@ def test_bad_configs():
 def test_config_round_trip():
     config = PRESETS["digits"]
     assert UNetConfig.from_dict(config.to_dict()) == config
+
+
+def test_patch_size_runs_the_network_on_a_coarser_grid():
+    config = preset("digits", patch_size=2)
+    assert config.grid_size == 8
+    model = UNet(config).eval()
+    assert model.input_conv.in_channels == 4 and model.out_conv.out_channels == 4
+    # attention_resolutions count grid positions: (8,) is the first level, whose width is base_channels
+    attention = [m for n, m in model.named_modules() if type(m).__name__ == "Attention" and n != "mid_attn"]
+    assert len(attention) == 3 and {a.norm.num_channels for a in attention} == {config.base_channels}
+    seen = []
+    model.input_conv.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        out = model(x, torch.rand(3) * 999)
+    assert seen == [(3, 32, 8, 8)]
+    assert out.shape == x.shape
+    # same widths and levels as the unpatched network: only the first and last convolutions grow
+    plain = UNet(preset("digits", attention_resolutions=(16,)))
+    assert count_parameters(model) - count_parameters(plain) == 3 * 9 * 32 + 3 * (9 * 32 + 1)
+
+
+def test_patch_output_is_folded_back_pixel_for_pixel():
+    # an output conv that copies channel k of the last features to output channel k shows where each
+    # of the P*P outputs of a grid position lands: channel k is pixel (k // P, k % P) of its block
+    torch.manual_seed(0)
+    model = UNet(preset("tiny", patch_size=2)).eval()
+    captured = []
+    model.out_norm.register_forward_hook(lambda module, args, out: captured.append(args[0]))
+    with torch.no_grad():
+        model.out_conv.weight.zero_()
+        model.out_conv.bias.copy_(torch.arange(4.0))
+        out = model(torch.randn(1, 1, 16, 16), torch.zeros(1))
+    assert captured[0].shape[-1] == 8
+    expected = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).repeat(8, 8)
+    assert torch.equal(out[0, 0], expected)
+
+
+def test_bad_patch_sizes():
+    with pytest.raises(ValueError, match="patch size 3 must be positive and divide the image size 16"):
+        UNetConfig(image_size=16, patch_size=3)
+    with pytest.raises(ValueError, match=r"divisible by 32 .* at patch size 8"):
+        UNetConfig(image_size=16, patch_size=8, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="patch size 0"):
+        UNetConfig(image_size=16, patch_size=0)
+    assert UNetConfig.from_dict({"image_size": 16}).patch_size == 1  # configs saved before the option

@@ -26,6 +26,10 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32
     num_classes: int = 0  # > 0 adds a class embedding (the extra index num_classes = "no class")
+    # Space-to-depth: each patch_size x patch_size block of pixels becomes one position with
+    # in_channels * patch_size**2 channels, so the network runs on an (image_size / patch_size) grid;
+    # the output is folded back to pixels. attention_resolutions are sizes of that grid.
+    patch_size: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -34,11 +38,15 @@ class UNetConfig:
             raise ValueError("image_size, in_channels and base_channels must be positive")
         if not self.channel_mult:
             raise ValueError("channel_mult must name at least one level")
-        factor = 2 ** (len(self.channel_mult) - 1)
-        if self.image_size % factor:
+        if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(
-                f"image size {self.image_size} must be divisible by {factor} "
-                f"for {len(self.channel_mult)} resolution levels"
+                f"patch size {self.patch_size} must be positive and divide the image size {self.image_size}"
+            )
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if self.grid_size % factor:
+            raise ValueError(
+                f"image size {self.image_size} must be divisible by {factor * self.patch_size} "
+                f"for {len(self.channel_mult)} resolution levels at patch size {self.patch_size}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
@@ -46,6 +54,11 @@ class UNetConfig:
     @property
     def resolved_out_channels(self) -> int:
         return self.out_channels or self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the grid the network's first level runs on: image_size / patch_size."""
+        return self.image_size // self.patch_size
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -197,7 +210,8 @@ class UNet(nn.Module):
         groups = config.num_groups
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes > 0 else None
-        self.input_conv = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        patch_area = config.patch_size**2
+        self.input_conv = nn.Conv2d(config.in_channels * patch_area, ch, 3, padding=1)
 
         def block(cin: int, cout: int, res: int) -> nn.ModuleList:
             layers = [ResBlock(cin, cout, emb_dim, config.dropout, groups)]
@@ -207,7 +221,7 @@ class UNet(nn.Module):
 
         self.down = nn.ModuleList()
         skip_channels = [ch]
-        res = config.image_size
+        res = config.grid_size
         cur = ch
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
@@ -234,7 +248,7 @@ class UNet(nn.Module):
                 self.up.append(layers)
 
         self.out_norm = _group_norm(cur, groups)
-        self.out_conv = _zero(nn.Conv2d(cur, config.resolved_out_channels, 3, padding=1))
+        self.out_conv = _zero(nn.Conv2d(cur, config.resolved_out_channels * patch_area, 3, padding=1))
 
     @staticmethod
     def _run_layers(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -255,7 +269,10 @@ class UNet(nn.Module):
             if class_labels is None:  # the "no class" token, as used by classifier-free guidance
                 class_labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(class_labels)
-        h = self.input_conv(x)  # (B, ch, H, W)
+        patch = self.config.patch_size
+        if patch > 1:
+            x = F.pixel_unshuffle(x, patch)  # (B, C * p * p, H / p, W / p)
+        h = self.input_conv(x)  # (B, ch, H / p, W / p)
         skips = [h]
         for layers in self.down:
             h = self._run_layers(layers, h, emb)
@@ -263,7 +280,8 @@ class UNet(nn.Module):
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb)), emb)
         for layers in self.up:
             h = self._run_layers(layers, torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        out = self.out_conv(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(out, patch) if patch > 1 else out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -63,6 +63,8 @@ def _check_exportable(model: UNet, where: str) -> tuple[int, int]:
     head_dims = sorted({m.norm.num_channels // m.heads for m in model.modules() if isinstance(m, Attention)})
     if config.num_classes > 0:
         reason = f"it is class-conditional ({config.num_classes} classes) and DDPMPipeline cannot pass class labels"
+    elif config.patch_size != 1:
+        reason = f"its patch size is {config.patch_size} and UNet2DModel has no space-to-depth input"
     elif config.channel_mult[0] != 1:
         reason = (
             f"channel_mult starts at {config.channel_mult[0]}, not 1: UNet2DModel's input conv and timestep "

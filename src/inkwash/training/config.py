@@ -64,6 +64,15 @@ class TrainConfig:
     dropout: float | None = option(
         None, "residual-block dropout (default: the preset's, 0.1)", minimum=0, exclusive_maximum=1
     )
+    base_channels: int | None = option(
+        None, "the network's width at its first level (default: the preset's)", minimum=8, maximum=1024
+    )
+    patch_size: int | None = option(
+        None,
+        "space-to-depth: the network runs on PxP blocks of pixels, 1/P^2 of the positions (default: the preset's)",
+        minimum=1,
+        maximum=16,
+    )
     beta_schedule: str = option("linear", choices=BETA_SCHEDULES)
     prediction: str = option("eps", "what the network predicts", choices=PREDICTIONS)
     zero_terminal_snr: bool = option(

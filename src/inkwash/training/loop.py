@@ -215,6 +215,10 @@ def _model_config(config: TrainConfig, data: ImageData | None) -> UNetConfig:
     overrides: dict = {"image_size": config.image_size} if config.image_size else {}
     if config.dropout is not None:
         overrides["dropout"] = config.dropout
+    if config.base_channels is not None:
+        overrides["base_channels"] = config.base_channels
+    if config.patch_size is not None:
+        overrides["patch_size"] = config.patch_size
     if config.class_cond:
         if data is None or data.labels is None or not data.class_names:
             raise InkwashError(f"--class-cond needs labelled data; {config.data!r} has no class labels")
