@@ -1,12 +1,13 @@
 """Sample quality after equal training: inkwash against a diffusers baseline of the same size.
 
-Trains the digits preset for a fixed budget of images seen, twice: with inkwash (``train.train``) and
-with a diffusers ``UNet2DModel`` of the same layout (``throughput.diffusers_twin``) on
-``DDPMScheduler`` noise, with the same data order, optimizer (AdamW), learning rate, warm-up, gradient
-clipping, batch size and EMA. Samples the EMA weights of each with 50-step DDIM (inkwash's sampler;
-diffusers' ``DDIMScheduler``), both with the same timesteps (``--ddim-spacing``, trailing by default) and
-x0 clipped to [-1, 1], and reports FID and KID on the offline digits features beside the real-data floor,
-with the ratio inkwash / baseline (below 1: inkwash's samples are closer to the data).
+Trains the digits preset for a fixed budget of images seen, twice: with inkwash (``train.train``, with its
+default precision for the machine) and with a diffusers ``UNet2DModel`` of the same widths, levels, attention
+and time conditioning (``throughput.diffusers_twin`` with ``resnet_time_scale_shift="scale_shift"``, so the
+parameter counts agree) in fp32 on ``DDPMScheduler`` noise, with the same data order, optimizer (AdamW),
+learning rate, warm-up, gradient clipping, batch size and EMA. Samples the EMA weights of each with 50-step
+DDIM (inkwash's sampler; diffusers' ``DDIMScheduler``), both with the same timesteps (``--ddim-spacing``,
+trailing by default) and x0 clipped to [-1, 1], and reports FID and KID on the offline digits features beside
+the real-data floor, with the ratio inkwash / baseline (below 1: inkwash's samples are closer to the data).
 
     python benchmarks/quality.py [--images 30000] [--num-samples 1000] [--ddpm-steps 100] [--json out.json]
     python benchmarks/quality.py --seed 1 --json s1.json     # another training seed (data order, init, noise)
@@ -17,6 +18,10 @@ Adam's beta2, the Min-SNR loss weighting, input perturbation and class condition
 class-conditional pair samples on the same labels, stratified by the train half's class frequencies
 (``inkwash.evaluation.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM respaced to N
 steps, the demo's own sampler at N = 50 (``inkwash.commands.demo.DEMO_DDPM_STEPS``).
+
+A preset with a patch size (space-to-depth input) is compared with an unpatched twin at full resolution:
+``UNet2DModel`` has no such input. Equal images then cost inkwash less time, so a ratio at or below 1 means
+at least equal quality at equal training time; ``--patch-size 1`` trains inkwash unpatched.
 """
 
 from __future__ import annotations
@@ -43,12 +48,23 @@ from throughput import diffusers_twin
 DIFFUSERS_BETAS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # diffusers' names for the same betas
 
 
+def twin_config(args):
+    """The layout the diffusers twin copies: inkwash's widths, levels and attention, at full resolution
+    (UNet2DModel has no space-to-depth input, so a patched inkwash network is compared with its unpatched twin)."""
+    overrides = {"dropout": args.dropout}
+    if args.base_channels:
+        overrides["base_channels"] = args.base_channels
+    return preset(args.preset, **overrides)
+
+
 def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
     with tempfile.TemporaryDirectory() as run_dir:
         config = TrainConfig(
             data="digits",
             out=run_dir,
             preset=args.preset,
+            patch_size=args.patch_size,
+            base_channels=args.base_channels,
             steps=steps,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -78,7 +94,9 @@ def train_diffusers(args, data, steps: int):
     num_classes = len(data.class_names) if args.class_cond else 0
     # diffusers' class embedding is added to the time embedding, as inkwash's; index num_classes = "no class".
     model = diffusers_twin(
-        preset(args.preset, dropout=args.dropout), num_class_embeds=num_classes + 1 if num_classes else None
+        twin_config(args),
+        num_class_embeds=num_classes + 1 if num_classes else None,
+        resnet_time_scale_shift="scale_shift",  # inkwash's time conditioning: equal parameter counts
     )
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_BETAS[args.beta_schedule])
@@ -199,6 +217,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30_000, help="training images seen by each (default: 30000)")
     parser.add_argument("--num-samples", type=int, default=1000, help="samples drawn from each (default: 1000)")
     parser.add_argument("--preset", default="digits")
+    parser.add_argument(
+        "--patch-size", type=int, default=None, help="inkwash's patch size (default: the preset's); diffusers' is 1"
+    )
+    parser.add_argument("--base-channels", type=int, default=None, help="both networks' width (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=DEMO_RECIPE["batch_size"], help="(default: the demo's)")
     parser.add_argument("--lr", type=float, default=DEMO_RECIPE["lr"], help="(default: the demo's)")
     parser.add_argument("--dropout", type=float, default=DEMO_RECIPE["dropout"], help="(default: the demo's)")
@@ -296,12 +318,16 @@ def main() -> None:
         "input_perturbation": args.input_perturbation,
         "beta_schedule": args.beta_schedule,
         "class_cond": args.class_cond,
+        "patch_size": ours.network.config.patch_size,
+        "base_channels": ours.network.config.base_channels,
         "parameters": {"inkwash": count_parameters(ours.network), "diffusers": count_parameters(theirs)},
         "train_seconds": {"inkwash": round(ours_seconds, 1), "diffusers": round(theirs_seconds, 1)},
         "sampling": {},
     }
     print(
-        f"{args.preset} preset, {result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
+        f"{args.preset} preset (inkwash patch size {result['patch_size']}, width {result['base_channels']}; "
+        f"parameters: inkwash {result['parameters']['inkwash']:,}, diffusers {result['parameters']['diffusers']:,}), "
+        f"{result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
         f"{args.dropout:g}, {args.beta_schedule} betas, Adam beta2 {args.adam_beta2:g}, Min-SNR gamma "
         f"{args.min_snr_gamma}, input perturbation {args.input_perturbation:g}"
         f"{', class-conditional' if args.class_cond else ''}); {args.num_samples} samples "

@@ -253,14 +253,14 @@ def _refusal(error: InkwashError, fragment: str) -> None:
     ("config", "fragment"),
     [
         (preset("tiny"), "GroupNorm layers use 16, 32 groups"),
-        (preset("digits", num_classes=10), "class-conditional (10 classes)"),
-        (preset("digits", channel_mult=(2, 2)), "channel_mult starts at 2"),
-        (preset("digits", out_channels=2), "2 output channels for 1 input channels"),
+        (preset("digits", patch_size=1, num_classes=10), "class-conditional (10 classes)"),
+        (preset("digits", patch_size=1, channel_mult=(2, 2)), "channel_mult starts at 2"),
+        (preset("digits", patch_size=1, out_channels=2), "2 output channels for 1 input channels"),
         (
-            preset("digits", base_channels=48, num_groups=16, attention_resolutions=(16,)),
+            preset("digits", patch_size=1, base_channels=48, num_groups=16, attention_resolutions=(16,)),
             "attention layers have heads of",
         ),
-        (preset("digits", patch_size=2), "patch size is 2"),
+        (preset("digits"), "patch size is 2"),
     ],
     ids=["tiny", "class-conditional", "channel-mult", "out-channels", "head-dims", "patch"],
 )

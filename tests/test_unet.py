@@ -69,8 +69,8 @@ def test_config_round_trip():
 
 
 def test_patch_size_runs_the_network_on_a_coarser_grid():
-    config = preset("digits", patch_size=2)
-    assert config.grid_size == 8
+    config = preset("digits")  # the digits preset is patched
+    assert config.patch_size == 2 and config.grid_size == 8
     model = UNet(config).eval()
     assert model.input_conv.in_channels == 4 and model.out_conv.out_channels == 4
     # attention_resolutions count grid positions: (8,) is the first level, whose width is base_channels
@@ -84,7 +84,7 @@ def test_patch_size_runs_the_network_on_a_coarser_grid():
     assert seen == [(3, 32, 8, 8)]
     assert out.shape == x.shape
     # same widths and levels as the unpatched network: only the first and last convolutions grow
-    plain = UNet(preset("digits", attention_resolutions=(16,)))
+    plain = UNet(preset("digits", patch_size=1, attention_resolutions=(16,)))
     assert count_parameters(model) - count_parameters(plain) == 3 * 9 * 32 + 3 * (9 * 32 + 1)
 
 

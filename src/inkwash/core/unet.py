@@ -76,7 +76,9 @@ class UNetConfig:
 
 
 PRESETS: dict[str, UNetConfig] = {
-    # 1x16x16 digits; small enough to train in minutes on two CPU cores.
+    # 1x16x16 digits; small enough to train in minutes on two CPU cores. The images are 8x8 digits
+    # upsampled, so the network runs on 2x2 blocks of pixels (an 8x8 grid): about twice the training
+    # and sampling speed of the same widths at full resolution, with no loss of quality (docs/experiments.md).
     "digits": UNetConfig(
         image_size=16,
         in_channels=1,
@@ -86,6 +88,7 @@ PRESETS: dict[str, UNetConfig] = {
         attention_resolutions=(8,),
         head_channels=32,
         dropout=0.1,
+        patch_size=2,
     ),
     # 3x32x32 (CIFAR-10 sized), the DDPM CIFAR layout at half width.
     "rgb32": UNetConfig(
