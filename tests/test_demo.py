@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from inkwash.commands.demo import DEMO_DDPM_STEPS, run_demo
+from inkwash.commands.demo import DEMO_DDPM_STEPS, DEMO_GUIDANCE_SCALE, run_demo
 
 
 def test_demo_writes_every_picture_and_scores_its_samples(tmp_path, feature_cache, monkeypatch, capsys):
@@ -10,18 +10,22 @@ def test_demo_writes_every_picture_and_scores_its_samples(tmp_path, feature_cach
     for path in summary["pictures"].values():
         assert Path(path).is_file(), path
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["nfe"] == {f"ddpm_{DEMO_DDPM_STEPS}": DEMO_DDPM_STEPS, "ddim_50": 50, "ddpm_1000": 1000}
+    # guidance 0.9 (two network evaluations per step) on the scored DDPM and the DDIM runs; the 1000-step one is plain
+    assert saved["nfe"] == {f"ddpm_{DEMO_DDPM_STEPS}": 2 * DEMO_DDPM_STEPS, "ddim_50": 100, "ddpm_1000": 1000}
     assert saved["train_steps"] >= 1
     assert (tmp_path / "samples" / "samples.npz").is_file()
     # The demo trains class-conditionally and draws one grid row per digit (num_images // 10 each, at least 1).
     by_class = json.loads((tmp_path / "samples" / "sampling.json").read_text())
     assert by_class["labels"] == list(range(10))
+    assert by_class["guidance_scale"] == DEMO_GUIDANCE_SCALE == 0.9
     full = json.loads((tmp_path / "samples_ddpm1000" / "sampling.json").read_text())
     assert full["labels"] == [0, 1]  # image i gets digit i mod 10
+    assert full["guidance_scale"] == 1.0
     # Step 6 scores DDPM samples as benchmarks/quality.py --ddpm-steps does, beside the real-data floor.
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["counts"]["samples"] == 12
     assert report["settings"]["sampler"] == "ddpm" and report["settings"]["steps"] == DEMO_DDPM_STEPS == 50
+    assert report["settings"]["guidance_scale"] == DEMO_GUIDANCE_SCALE
     assert saved["eval"]["fid"] == round(report["scores"]["fid"], 4)
     assert saved["eval"]["fid_floor"] > 0 and "recall" in saved["eval"] and "kid" in saved["eval"]
     out = capsys.readouterr().out
