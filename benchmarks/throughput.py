@@ -11,6 +11,10 @@ DDIM sampler; diffusers' training-example loop and DDIMScheduler) in the same pr
 round by round so that machine noise hits both alike. Prints both parameter counts and their ratio,
 the optimizer, images/s for each and the ratio inkwash / diffusers (> 1 means inkwash is faster).
 
+A preset with a patch size (the digits preset runs on 2x2 pixel blocks) is timed against a twin of the
+same widths, levels and attention at full resolution, since UNet2DModel has no space-to-depth input: the
+same parameters, more FLOPs per image. The FLOP counts printed show how much of a ratio that explains.
+
 The same rounds time inkwash in bf16 mixed precision the way ``inkwash train --precision bf16`` runs:
 the loss under ``torch.autocast(device, dtype=torch.bfloat16)`` with fp32 weights, optimizer and
 gradient clipping (``precision.precision_context``); for sampling, each denoiser call (the network
