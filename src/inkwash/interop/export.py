@@ -64,7 +64,10 @@ def _check_exportable(model: UNet, where: str) -> tuple[int, int]:
     if config.num_classes > 0:
         reason = f"it is class-conditional ({config.num_classes} classes) and DDPMPipeline cannot pass class labels"
     elif config.patch_size != 1:
-        reason = f"its patch size is {config.patch_size} and UNet2DModel has no space-to-depth input"
+        reason = (
+            f"its patch size is {config.patch_size} and UNet2DModel has no space-to-depth input "
+            "(inkwash train --patch-size 1 trains a network that exports)"
+        )
     elif config.channel_mult[0] != 1:
         reason = (
             f"channel_mult starts at {config.channel_mult[0]}, not 1: UNet2DModel's input conv and timestep "
