@@ -1,7 +1,8 @@
 import json
 from pathlib import Path
 
-from inkwash.commands.demo import DEMO_DDPM_STEPS, DEMO_GUIDANCE_SCALE, run_demo
+from inkwash.commands.cli import DemoOptions
+from inkwash.commands.demo import DEMO_DDPM_STEPS, DEMO_EVAL_DRAWS, DEMO_GUIDANCE_SCALE, run_demo
 
 
 def test_demo_writes_every_picture_and_scores_its_samples(tmp_path, feature_cache, monkeypatch, capsys):
@@ -23,16 +24,21 @@ def test_demo_writes_every_picture_and_scores_its_samples(tmp_path, feature_cach
     assert full["guidance_scale"] == 1.0
     # Step 6 scores DDPM samples as benchmarks/quality.py --ddpm-steps does, beside the real-data floor.
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["counts"]["samples"] == 12
+    # The score is the mean of three draws of 12 samples on seeds 0, 1 and 2.
+    assert DemoOptions.eval_draws == DEMO_EVAL_DRAWS == 3
+    assert report["counts"]["samples"] == 12 and report["counts"]["draws"] == 3 and len(report["draws"]) == 3
+    assert report["scores"]["fid"] == sum(d["fid"] for d in report["draws"]) / 3
     assert report["settings"]["sampler"] == "ddpm" and report["settings"]["steps"] == DEMO_DDPM_STEPS == 50
     assert report["settings"]["guidance_scale"] == DEMO_GUIDANCE_SCALE
     assert saved["eval"]["fid"] == round(report["scores"]["fid"], 4)
     assert saved["eval"]["fid_floor"] > 0 and "recall" in saved["eval"] and "kid" in saved["eval"]
     out = capsys.readouterr().out
-    assert "6/6 scoring 12 DDPM-50 samples" in out and "5/6 sampling 2 digits with DDPM" in out
+    assert "6/6 scoring 3 draws of 12 DDPM-50 samples" in out and "5/6 sampling 2 digits with DDPM" in out
     fid, floor = report["scores"]["fid"], report["scores"]["fid_floor"]
     # The summary line prints the same unrounded figures as the table above it.
-    assert f"FID {fid:.3f} over 12 DDPM-50 samples: {fid / floor:.2f}x the real-data floor {floor:.3f}" in out
+    spread = report["scores"]["fid_draws_sd"]
+    line = f"FID {fid:.3f} over 3 draws of 12 DDPM-50 samples (mean; sd {spread:.3f}): {fid / floor:.2f}x the real-data"
+    assert f"{line} floor {floor:.3f}" in out
 
 
 def test_demo_without_scoring(tmp_path, capsys):

@@ -129,6 +129,8 @@ GOOD = ["--samples", "good.npz", "--reference", "digits"]
         (["--checkpoint", "no_run", "--reference", "digits"], 1, "checkpoint directory not found"),
         ([*GOOD, "--guidance-scale", "2"], 1, "--guidance-scale applies to --checkpoint"),
         ([*GOOD, "--guidance-scale", "-1"], 2, "--guidance-scale"),
+        ([*GOOD, "--draws", "2"], 1, "--draws applies to --checkpoint"),
+        ([*GOOD, "--draws", "0"], 2, "--draws"),
     ],
 )
 def test_eval_bad_options_are_one_line_errors(args, status, fragment, tmp_path, monkeypatch, capsys):
@@ -243,6 +245,37 @@ def test_eval_of_a_class_conditional_checkpoint_draws_labels_from_its_class_coun
     expected = class_prior_labels(10, saved["data"]["class_counts"], 12, seed=3)
     assert torch.equal(seen["labels"], expected)
     assert seen["guidance_scale"] == 2.0 and seen["null_label"] == 10  # the model's "no class" index
+
+
+def test_eval_draws_are_single_draws_on_consecutive_seeds_and_their_mean(feature_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INKWASH_CACHE", str(feature_cache))
+    run = tmp_path / "run"
+    config = TrainConfig(data="digits", out=str(run), preset="tiny", steps=2, batch_size=4, class_cond=True)
+    train(config, show_progress=False)
+    args = ["--checkpoint", str(run), "--reference", "digits", "--metrics", "fid,pr", "--num-samples", "12"]
+    args += ["--steps", "2", "--sampler", "ddpm"]
+    singles = []
+    for seed in (5, 6, 7):
+        status, _, err = run_main(
+            ["eval", *args, "--seed", str(seed), "--json", str(tmp_path / f"{seed}.json")], capsys
+        )
+        assert status == 0, err
+        singles.append(json.loads((tmp_path / f"{seed}.json").read_text())["scores"])
+    assert singles[0]["fid"] != singles[1]["fid"]  # the seed draws other labels and noise
+    status, out, err = run_main(
+        ["eval", *args, "--seed", "5", "--draws", "3", "--json", str(tmp_path / "d.json")], capsys
+    )
+    assert status == 0, err
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["draws"] == singles  # draw i is exactly the single draw with seed 5 + i
+    assert report["counts"]["draws"] == 3 and report["counts"]["samples"] == 12
+    for key in ("fid", "precision", "recall", "fid_floor"):
+        assert report["scores"][key] == pytest.approx(sum(d[key] for d in singles) / 3, rel=1e-12)
+    fids = [d["fid"] for d in singles]
+    assert report["scores"]["fid_draws_sd"] == pytest.approx(float(np.std(fids, ddof=1)), rel=1e-9)
+    assert "fid_floor_draws_sd" not in report["scores"]
+    assert "3 draws of 12 samples" in out
+    assert f"{report['scores']['fid']:.3f} (sd {report['scores']['fid_draws_sd']:.3f} over 3 draws)" in out
 
 
 def test_eval_rejects_guidance_for_an_unconditional_checkpoint(feature_cache, tmp_path, monkeypatch, capsys):

@@ -86,6 +86,9 @@ class DemoOptions:  # the keyword arguments of inkwash.commands.demo.run_demo
         "real-data floor; 0 skips it",
         minimum=0,
     )
+    eval_draws: int = option(
+        3, "score that many samples this many times, on consecutive seeds, and report the mean", minimum=1
+    )
 
 
 def cmd_train(config: TrainConfig) -> None:

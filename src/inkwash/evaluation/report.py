@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from inkwash.sampling.options import (
     sampler_option,
     schedule_option,
 )
+
+DrawFn = Callable[[int], torch.Tensor]  # seed -> images (N, C, H, W) in [-1, 1]
 
 
 @dataclass
@@ -67,6 +70,13 @@ class EvalOptions:
     schedule: str | None = schedule_option("(default: the sampler's own)")
     eta: float | None = option(None, "(default: the sampler's)", minimum=0)
     seed: int = option(0, minimum=0)
+    draws: int = option(
+        1,
+        "--checkpoint: score this many independent draws of --num-samples images (seeds SEED, SEED+1, ...) and "
+        "report each metric's mean and its spread over the draws; one draw of 1,000 digits varies by about 7% in FID",
+        minimum=1,
+        maximum=100,
+    )
     batch_size: int = option(250, minimum=1)
     use_ema: bool = option(True, "use the raw weights instead of the EMA", flag="--no-ema")
     nll_terms: int | None = option(
@@ -102,6 +112,7 @@ class EvalReport:
     images: str  # where the samples came from
     seconds: float
     settings: dict = field(default_factory=dict)
+    draws: list[dict[str, float]] = field(default_factory=list)  # each draw's scores, when there are several
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -134,35 +145,85 @@ def load_samples(path: str | Path) -> torch.Tensor:
     return load_image_array(path)
 
 
-def sample_diffusers_folder(options: EvalOptions, settings: MetricSettings) -> tuple[torch.Tensor, object]:
-    """Images (N, C, H, W) in [-1, 1] drawn from a diffusers folder as ``inkwash sample`` draws them, and its
-    denoiser for the nll metric (None for Stable Diffusion, whose latent model has no pixel likelihood here)."""
+def diffusers_folder_sampler(options: EvalOptions, settings: MetricSettings) -> tuple[DrawFn, object]:
+    """A function of the seed that draws images (N, C, H, W) in [-1, 1] from a diffusers folder as ``inkwash
+    sample`` draws them, and the folder's denoiser for the nll metric (None for Stable Diffusion, whose latent
+    model has no pixel likelihood here)."""
     from inkwash.pipeline import Pipeline
 
     device = inference_device(options.device, options.precision)
     pipe = Pipeline.load(options.checkpoint, device=device, precision=options.precision)
-    given = {
-        "sampler": options.sampler,
-        "steps": options.steps,
-        "schedule": options.schedule,
-        "eta": options.eta,
-        "seed": options.seed,
-        "batch_size": options.batch_size,
-        "num_images": options.num_samples or 1000,
-        "precision": options.precision,
-        "show_progress": options.show_progress,
-        "guidance_scale": options.guidance_scale,
-        "prompt": options.prompt,
-        "negative_prompt": options.negative_prompt,
-    }
     if pipe.text_conditional and "nll" in settings.metrics:
         raise InkwashError("the nll metric needs a pixel-space model; a Stable Diffusion folder samples latents")
-    images = pipe.run(pipe.prepare(pipe.sample_options(**given))).images
-    return images, None if pipe.text_conditional else pipe.denoiser
+
+    def draw(seed: int) -> torch.Tensor:
+        given = {
+            "sampler": options.sampler,
+            "steps": options.steps,
+            "schedule": options.schedule,
+            "eta": options.eta,
+            "seed": seed,
+            "batch_size": options.batch_size,
+            "num_images": options.num_samples or 1000,
+            "precision": options.precision,
+            "show_progress": options.show_progress,
+            "guidance_scale": options.guidance_scale,
+            "prompt": options.prompt,
+            "negative_prompt": options.negative_prompt,
+        }
+        return pipe.run(pipe.prepare(pipe.sample_options(**given))).images
+
+    return draw, None if pipe.text_conditional else pipe.denoiser
+
+
+def run_sampler(options: EvalOptions) -> tuple[DrawFn, ModelDenoiser]:
+    """A function of the seed that draws ``num_samples`` images from an inkwash run as ``inkwash sample`` draws
+    them (a class-conditional model on labels in its training class proportions, stratified), and its denoiser."""
+    for flag, value in (("--prompt", options.prompt), ("--negative-prompt", options.negative_prompt)):
+        if value is not None:
+            raise InkwashError(f"{flag} needs a text-conditional model (a Stable Diffusion pipeline folder)")
+    device = inference_device(options.device, options.precision)
+    model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
+    denoiser = ModelDenoiser(model.to(device), schedule, config.get("prediction", "eps"))
+    num_samples = options.num_samples or 1000
+    num_classes = int(config["unet"].get("num_classes", 0))
+    counts = (config.get("data") or {}).get("class_counts")
+
+    def draw(seed: int) -> torch.Tensor:
+        labels = class_prior_labels(num_classes, counts, num_samples, seed) if num_classes > 0 else None
+        return sample_images(
+            denoiser,
+            config["data"]["shape"],
+            num_samples,
+            labels=labels,
+            guidance_scale=1.0 if options.guidance_scale is None else options.guidance_scale,
+            sampler=options.sampler,
+            steps=options.steps,
+            schedule=options.schedule,
+            eta=options.eta,
+            seed=seed,
+            batch_size=options.batch_size,
+            show_progress=options.show_progress,
+            precision=options.precision,
+        )
+
+    return draw, denoiser
+
+
+def combine_draws(draws: list[dict[str, float]]) -> dict[str, float]:
+    """Each score's mean over the draws; with two or more, also each metric's sample standard deviation over
+    them as ``<metric>_draws_sd`` (the floors are the same in every draw)."""
+    combined = {key: sum(d[key] for d in draws) / len(draws) for key in draws[0]}
+    if len(draws) > 1:
+        for key, _, _ in _ROWS:
+            if key in combined:
+                mean = combined[key]
+                combined[key + "_draws_sd"] = (sum((d[key] - mean) ** 2 for d in draws) / (len(draws) - 1)) ** 0.5
+    return combined
 
 
 def run_eval(options: EvalOptions) -> EvalReport:
-    """``inkwash eval``: load or draw the samples, score them, write JSON if asked."""
+    """``inkwash eval``: load or draw the samples (``draws`` times), score them, write JSON if asked."""
     started = time.perf_counter()
     settings = MetricSettings(
         metrics=tuple(options.metrics),
@@ -176,6 +237,8 @@ def run_eval(options: EvalOptions) -> EvalReport:
         raise InkwashError("give exactly one of --samples and --checkpoint")
     if options.guidance_scale not in (None, 1.0) and options.checkpoint is None:
         raise InkwashError("--guidance-scale applies to --checkpoint sampling, not to --samples")
+    if options.draws > 1 and options.checkpoint is None:
+        raise InkwashError("--draws applies to --checkpoint sampling; --samples is scored as one draw")
     if options.json is not None and Path(options.json).is_dir():
         raise InkwashError(f"--json must be a file name, got a directory: {options.json}")
     denoiser = None
@@ -183,51 +246,36 @@ def run_eval(options: EvalOptions) -> EvalReport:
         images = load_samples(options.samples)
         if options.num_samples is not None:
             images = images[: options.num_samples]
-        source = options.samples
+
+        def draw(seed: int) -> torch.Tensor:
+            return images
+
     elif is_diffusers_folder(options.checkpoint):
-        images, denoiser = sample_diffusers_folder(options, settings)
-        source = options.checkpoint
+        draw, denoiser = diffusers_folder_sampler(options, settings)
     else:
-        for flag, value in (("--prompt", options.prompt), ("--negative-prompt", options.negative_prompt)):
-            if value is not None:
-                raise InkwashError(f"{flag} needs a text-conditional model (a Stable Diffusion pipeline folder)")
-        device = inference_device(options.device, options.precision)
-        model, schedule, config = load_model(options.checkpoint, use_ema=options.use_ema)
-        denoiser = ModelDenoiser(model.to(device), schedule, config.get("prediction", "eps"))
-        num_samples = options.num_samples or 1000
-        num_classes = int(config["unet"].get("num_classes", 0))
-        # A class-conditional model is scored on labels in its training class proportions (stratified).
-        labels = None
-        if num_classes > 0:
-            counts = (config.get("data") or {}).get("class_counts")
-            labels = class_prior_labels(num_classes, counts, num_samples, options.seed)
-        images = sample_images(
-            denoiser,
-            config["data"]["shape"],
-            num_samples,
-            labels=labels,
-            guidance_scale=1.0 if options.guidance_scale is None else options.guidance_scale,
-            sampler=options.sampler,
-            steps=options.steps,
-            schedule=options.schedule,
-            eta=options.eta,
-            seed=options.seed,
-            batch_size=options.batch_size,
-            show_progress=options.show_progress,
-            precision=options.precision,
+        draw, denoiser = run_sampler(options)
+    reference = None
+    per_draw = []
+    for index in range(options.draws):
+        drawn = draw(options.seed + index)
+        if reference is None:
+            reference = load_reference(options.reference, tuple(drawn.shape[1:]), options.show_progress)
+        scores, counts = score_images(
+            drawn, reference, settings, denoiser=denoiser, show_progress=options.show_progress
         )
-        source = options.checkpoint
-    reference = load_reference(options.reference, tuple(images.shape[1:]), options.show_progress)
-    scores, counts = score_images(images, reference, settings, denoiser=denoiser, show_progress=options.show_progress)
+        per_draw.append(scores)
+    if options.draws > 1:
+        counts["draws"] = options.draws
     uses_features = any(m in settings.metrics for m in FEATURE_METRICS)
     report = EvalReport(
-        scores=scores,
+        scores=combine_draws(per_draw),
         counts=counts,
         features=(settings.features or default_features(reference.name)) if uses_features else None,
         reference=options.reference,
-        images=source,
+        images=options.samples if options.samples is not None else options.checkpoint,
         seconds=round(time.perf_counter() - started, 2),
         settings={k: v for k, v in asdict(options).items() if k not in ("show_progress", "json")},
+        draws=per_draw if options.draws > 1 else [],
     )
     if options.json:
         atomic_write_text(options.json, report.to_json())
@@ -252,6 +300,8 @@ def format_table(report: EvalReport) -> str:
         if key not in scores:
             continue
         spread = f" ± {scores[key + '_std']:{fmt}}" if key + "_std" in scores else ""
+        if key + "_draws_sd" in scores:
+            spread += f" (sd {scores[key + '_draws_sd']:{fmt}} over {counts['draws']} draws)"
         floor = scores.get(key + "_floor")
         floor_spread = f" ± {scores[key + '_std_floor']:{fmt}}" if key + "_std_floor" in scores else ""
         floor_text = "-" if floor is None else f"{floor:{fmt}}{floor_spread}"
@@ -262,7 +312,8 @@ def format_table(report: EvalReport) -> str:
             )
             rows += [(f"  {k[4:]}", f"{scores[k]:{fmt}}", f"{scores[k + '_floor']:{fmt}}") for k in levels]
     header = (
-        f"{counts['samples']} samples from {report.images} against the test half of {report.reference} "
+        (f"{counts['draws']} draws of " if "draws" in counts else "")
+        + f"{counts['samples']} samples from {report.images} against the test half of {report.reference} "
         f"({counts['reference']} images)" + (f"; features: {report.features}" if report.features else "")
     )
     titles = ("metric", "score", "real-data floor")
