@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -254,16 +254,19 @@ def run_eval(options: EvalOptions) -> EvalReport:
         draw, denoiser = diffusers_folder_sampler(options, settings)
     else:
         draw, denoiser = run_sampler(options)
-    reference = None
-    per_draw = []
-    for index in range(options.draws):
+    drawn = draw(options.seed)
+    reference = load_reference(options.reference, tuple(drawn.shape[1:]), options.show_progress)
+    scores, counts = score_images(drawn, reference, settings, denoiser=denoiser, show_progress=options.show_progress)
+    per_draw = [scores]
+    # nll scores the model on test-half images, not the samples: every draw after the first reuses it.
+    model_scores = {key: value for key, value in scores.items() if key.startswith("nll")}
+    sample_settings = replace(settings, metrics=tuple(m for m in settings.metrics if m != "nll"))
+    for index in range(1, options.draws):
         drawn = draw(options.seed + index)
-        if reference is None:
-            reference = load_reference(options.reference, tuple(drawn.shape[1:]), options.show_progress)
-        scores, counts = score_images(
-            drawn, reference, settings, denoiser=denoiser, show_progress=options.show_progress
-        )
-        per_draw.append(scores)
+        scores = {}
+        if sample_settings.metrics:
+            scores, _ = score_images(drawn, reference, sample_settings, show_progress=options.show_progress)
+        per_draw.append({**scores, **model_scores})
     if options.draws > 1:
         counts["draws"] = options.draws
     uses_features = any(m in settings.metrics for m in FEATURE_METRICS)
