@@ -199,7 +199,24 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest_2x(x))
+
+
+def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling, (B, C, H, W) -> (B, C, 2H, 2W).
+
+    Eager runs call ``F.interpolate``. Under torch.compile the same values come from a broadcast, whose
+    gradient is a sum over each 2x2 block: inductor (CPU, PyTorch 2.13) mis-orders interpolate's backward
+    under bf16 autocast, reading the gradient buffer before accumulating into it, so every layer below
+    the first upsampling trained on a zero gradient (docs/experiments.md, "--compile trained half a
+    network"). The memory layout of ``x`` is kept."""
+    if not torch.compiler.is_compiling():
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():  # (B, H, W, C) in memory
+        pixels = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(b, h, 2, w, 2, c)
+        return pixels.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
 class UNet(nn.Module):
