@@ -130,6 +130,21 @@ def test_weight_map_uses_every_tensor_once():
     assert sorted(targets) == sorted(diffusers_unet(model).state_dict())
 
 
+def test_a_network_trained_with_augmentation_labels_exports_exactly(tmp_path):
+    """Sampling gives the augmentation embedding zeros and it has no bias, so it is left out of the export and
+    the UNet2DModel still computes what inkwash does."""
+    config = UNetConfig(**{**GRAY.to_dict(), "augment_dim": 6})
+    run = save_run(tmp_path / "run", config)
+    out = export_diffusers(run, tmp_path / "ddpm")
+    model, _, _ = load_model(run)
+    unet = diffusers.UNet2DModel.from_pretrained(out / "unet", use_safetensors=True).eval()
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(6)), torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        expected, got = model(x, t), unet(x, t).sample
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
+
+
 def _inkwash_ddpm(run, steps: int, seed: int, shape) -> torch.Tensor:
     """inkwash's DDPM (clipping its x0, as DDPMScheduler(clip_sample=True) does) on the draws DDPMPipeline makes
     from a generator seeded ``seed``: the initial noise, then one draw per step."""

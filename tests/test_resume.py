@@ -26,7 +26,7 @@ def digits():
 
 
 def config(out, **overrides) -> TrainConfig:
-    # The digits preset has dropout, so the global RNG state matters; flips, label dropout, a cosine
+    # The digits preset has dropout, so the global RNG state matters; flips, augmentation, label dropout, a cosine
     # schedule and Min-SNR weighting exercise every other stream and setting that resume restores.
     settings = dict(
         out=str(out),
@@ -37,6 +37,7 @@ def config(out, **overrides) -> TrainConfig:
         warmup_steps=2,
         lr_schedule="cosine",
         hflip=True,
+        augment=0.5,
         class_cond=True,
         min_snr_gamma=5.0,
         log_every=1,

@@ -329,3 +329,37 @@ def test_two_micro_batches_of_4_give_the_gradient_of_one_batch_of_8(tmp_path, di
     assert len(one) == len(two) and any(g.abs().max() > 0 for g in one)
     for a, b in zip(one, two, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+
+
+def test_augmentation_trains_the_network_on_augmented_images_with_their_labels(tmp_path, digits, monkeypatch):
+    """``--augment P``: the loss sees augmented images with matching labels, the network gets an augmentation
+    embedding that trains, and P is validated and recorded."""
+    import inkwash.training.trainer as trainer
+
+    seen, initial = [], []
+    original = trainer.diffusion_loss
+
+    def spy(model, schedule, x0, generator, prediction, *, augment_labels=None, **options):
+        seen.append((x0.clone(), augment_labels.clone()))
+        if not initial:
+            initial.append(model.augment_emb.weight.detach().clone())
+        return original(model, schedule, x0, generator, prediction, augment_labels=augment_labels, **options)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", spy)
+    with pytest.raises(InkwashError, match="--augment must be in"):
+        train(tiny(tmp_path / "bad", augment=1.5), data=digits, show_progress=False)
+    out = tmp_path / "run"
+    train(tiny(out, steps=3, batch_size=32, augment=0.5, warmup_steps=0), data=digits, show_progress=False)
+    labels = torch.cat([labels for _, labels in seen])
+    assert labels.shape == (96, 6)
+    assert 0.25 < (labels[:, 0] == 1).float().mean() < 0.75  # x-flips at p = 0.5, 96 draws
+    unaugmented = ~labels.any(dim=1)
+    assert 0 < unaugmented.sum() < 96
+    originals = digits.images.flatten(1)
+    for images, batch_labels in seen:  # an image with all-zero labels is a training image, untouched
+        for image, label in zip(images, batch_labels, strict=True):
+            if not label.any():
+                assert (originals == image.flatten()).all(dim=1).any()
+    model, _, config = load_model(out, use_ema=False)
+    assert config["unet"]["augment_dim"] == 6 and config["train"]["augment"] == 0.5
+    assert not torch.equal(model.augment_emb.weight, initial[0])  # the embedding trained

@@ -30,6 +30,9 @@ class UNetConfig:
     # in_channels * patch_size**2 channels, so the network runs on an (image_size / patch_size) grid;
     # the output is folded back to pixels. attention_resolutions are sizes of that grid.
     patch_size: int = 1
+    # > 0 adds an embedding of augmentation labels (non-leaky augmentation, Karras et al. 2022; see
+    # data/augment.py); no labels, as at sampling, means "not augmented".
+    augment_dim: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -50,6 +53,8 @@ class UNetConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
+        if self.augment_dim < 0:
+            raise ValueError("augment_dim must be 0 (none) or positive")
 
     @property
     def resolved_out_channels(self) -> int:
@@ -230,6 +235,8 @@ class UNet(nn.Module):
         groups = config.num_groups
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes > 0 else None
+        # No bias: all-zero labels ("not augmented") add nothing, so the network samples as if it had none.
+        self.augment_emb = nn.Linear(config.augment_dim, emb_dim, bias=False) if config.augment_dim > 0 else None
         patch_area = config.patch_size**2
         self.input_conv = nn.Conv2d(config.in_channels * patch_area, ch, 3, padding=1)
 
@@ -281,14 +288,20 @@ class UNet(nn.Module):
         x: torch.Tensor,
         noise_label: torch.Tensor,
         class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, C, H, W); noise_label: (B,) float timesteps; class_labels: (B,) ints or None."""
+        """x: (B, C, H, W); noise_label: (B,) float timesteps; class_labels: (B,) ints or None;
+        augment_labels: (B, augment_dim) floats from ``data.augment``, or None for un-augmented images."""
         noise_label = noise_label.reshape(-1).expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(noise_label, self.config.base_channels))
         if self.class_emb is not None:
             if class_labels is None:  # the "no class" token, as used by classifier-free guidance
                 class_labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(class_labels)
+        if augment_labels is not None:
+            if self.augment_emb is None:
+                raise ValueError("this network was built without augment_dim; it takes no augmentation labels")
+            emb = emb + self.augment_emb(augment_labels.to(emb.dtype))
         patch = self.config.patch_size
         if patch > 1:
             x = F.pixel_unshuffle(x, patch)  # (B, C * p * p, H / p, W / p)

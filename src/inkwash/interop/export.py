@@ -193,7 +193,9 @@ def copy_weights(model: UNet, unet: nn.Module) -> None:
     filled once, with its own shape."""
     ours, theirs = model.state_dict(), unet.state_dict()
     entries = weight_map(model)
-    unused, unknown = sorted(set(ours) - set(entries)), sorted(set(entries) - set(ours))
+    # The augmentation embedding has no bias and sampling gives it zeros: it adds nothing to an exported model.
+    unused = sorted(set(ours) - set(entries) - {"augment_emb.weight"})
+    unknown = sorted(set(entries) - set(ours))
     if unused or unknown:
         raise InkwashError(
             f"cannot export to diffusers: inkwash tensors not mapped {unused}, mapped but absent {unknown}"

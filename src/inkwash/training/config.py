@@ -42,6 +42,15 @@ class TrainConfig:
         choices=("crop", "resize"),
     )
     hflip: bool = option(False, "random horizontal flips of the training images")
+    augment: float = option(
+        0.0,
+        "non-leaky augmentation (Karras et al. 2022): an x-flip, a y-flip, a quarter turn and a shift of up to "
+        "1/8 of the side each apply to an image with probability P, and the network is told which; its samples "
+        "are not augmented (default: off)",
+        minimum=0,
+        maximum=1,
+        metavar="P",
+    )
     # the run folder
     out: str = option("runs/digits", "run directory for checkpoints, log and pictures", required=True)
     resume: str | None = option(

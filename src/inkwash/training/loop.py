@@ -23,6 +23,7 @@ from inkwash.checkpoint import read_config
 from inkwash.core.precision import deterministic_mode, precision_warning, resolve_precision
 from inkwash.core.schedule import NoiseSchedule, ScheduleConfig
 from inkwash.core.unet import PRESETS, UNetConfig, count_parameters, preset
+from inkwash.data.augment import AUGMENT_DIM
 from inkwash.data.loading import ImageData, load_data
 from inkwash.errors import InkwashError
 from inkwash.pictures import loss_curve
@@ -219,6 +220,8 @@ def _model_config(config: TrainConfig, data: ImageData | None) -> UNetConfig:
         overrides["base_channels"] = config.base_channels
     if config.patch_size is not None:
         overrides["patch_size"] = config.patch_size
+    if config.augment > 0:
+        overrides["augment_dim"] = AUGMENT_DIM
     if config.class_cond:
         if data is None or data.labels is None or not data.class_names:
             raise InkwashError(f"--class-cond needs labelled data; {config.data!r} has no class labels")

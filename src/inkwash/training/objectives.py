@@ -48,10 +48,12 @@ def diffusion_loss(
     labels: torch.Tensor | None = None,
     min_snr_gamma: float | None = None,
     input_perturbation: float = 0.0,
+    augment_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steps 2-6 of the seed: t uniform over the T steps, Gaussian noise, x_t in closed form, and
     the (optionally Min-SNR weighted) mean squared error between the network's output and its target.
-    ``labels`` (B,) are passed to the network as its class condition.
+    ``labels`` (B,) are passed to the network as its class condition, and ``augment_labels`` (B, D), the
+    augmentation each image of ``x0`` went through (``data.augment``), as a keyword.
 
     ``input_perturbation`` gamma > 0 noises x_t with ``noise + gamma * xi`` (xi a second Gaussian draw)
     while the target keeps ``noise`` (Ning et al. 2023, DDPM-IP; diffusers' training examples'
@@ -67,7 +69,8 @@ def diffusion_loss(
         x_t = schedule.q_sample(x0, t, noise)
     alpha_bar = schedule.alpha_bar.to(device)[t]  # (B,) float64
     target = prediction_target(prediction, x0, noise, alpha_bar.to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1)))
-    output = model(x_t, t.float()) if labels is None else model(x_t, t.float(), labels)
+    inputs = (x_t, t.float()) if labels is None else (x_t, t.float(), labels)
+    output = model(*inputs) if augment_labels is None else model(*inputs, augment_labels=augment_labels)
     per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
     if min_snr_gamma is None:
         return per_sample.mean()

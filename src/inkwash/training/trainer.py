@@ -20,6 +20,7 @@ from torch import nn
 from inkwash.core.precision import precision_context
 from inkwash.core.schedule import NoiseSchedule
 from inkwash.core.unet import UNet, UNetConfig
+from inkwash.data.augment import augment
 from inkwash.data.loading import ImageData, random_flip
 from inkwash.errors import InkwashError
 from inkwash.training.config import TrainConfig
@@ -149,7 +150,7 @@ class Trainer:
         config = self.config
         total = 0.0
         for micro in range(config.grad_accum):
-            x0, labels = self._micro_batch(data)
+            x0, labels, augment_labels = self._micro_batch(data)
             sync = contextlib.nullcontext()
             if self.world.distributed and micro < config.grad_accum - 1:
                 sync = self.train_model.no_sync()  # all-reduce the gradients once, after the last micro-batch
@@ -164,19 +165,24 @@ class Trainer:
                         labels=labels,
                         min_snr_gamma=config.min_snr_gamma,
                         input_perturbation=config.input_perturbation,
+                        augment_labels=augment_labels,
                     )
                 scaled = loss / config.grad_accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += float(loss.detach())
         return total / config.grad_accum
 
-    def _micro_batch(self, data: ImageData) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's slice of the next global batch, flipped and with labels dropped as configured."""
+    def _micro_batch(self, data: ImageData) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's slice of the next global batch, flipped, augmented and with labels dropped as configured:
+        the images, their class labels and their augmentation labels."""
         config, rank = self.config, self.world.rank
         index = self.batches.next()[rank * config.batch_size : (rank + 1) * config.batch_size]
         x0 = data.images[index.to(data.images.device)]  # (B, C, H, W)
         if config.hflip:
             x0 = random_flip(x0, self.noise_rng)
+        augment_labels = None
+        if config.augment > 0:
+            x0, augment_labels = augment(x0, config.augment, self.noise_rng)  # (B, C, H, W), (B, AUGMENT_DIM)
         if config.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = None
@@ -186,7 +192,7 @@ class Trainer:
                 # Label dropout (Ho & Salimans 2022): the null class teaches the unconditional model.
                 drop = torch.rand(labels.shape, generator=self.noise_rng, device=self.world.device)
                 labels = torch.where(drop < config.cond_drop, torch.full_like(labels, len(data.class_names)), labels)
-        return x0, labels
+        return x0, labels, augment_labels
 
     def optimizer_step(self, bad: bool) -> bool:
         """Unscale, clip and step, unless ``bad`` (a non-finite loss on some rank) or the gradient norm
