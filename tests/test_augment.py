@@ -104,3 +104,14 @@ def test_network_reads_labels_and_zero_labels_mean_none():
     assert not torch.allclose(plain, flipped, atol=1e-4)
     with pytest.raises(ValueError, match="augment_dim"):
         UNet(preset("tiny"))(x, t, augment_labels=torch.zeros(3, AUGMENT_DIM))
+
+
+def test_transforms_choose_which_kinds_apply():
+    images = torch.rand(500, 1, 16, 16)
+    out, labels = augment(images, 1.0, torch.Generator().manual_seed(5), transforms=("shift",))
+    assert not labels[:, :4].any()  # no flips, no turns
+    assert labels[:, 4:].any(dim=1).float().mean() > 0.9
+    unshifted = ~labels.any(dim=1)
+    assert torch.equal(out[unshifted], images[unshifted])
+    with pytest.raises(ValueError, match="unknown augmentation 'zoom'"):
+        augment(images, 0.5, torch.Generator(), transforms=("zoom",))

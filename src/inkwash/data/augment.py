@@ -18,28 +18,36 @@ import torch.nn.functional as F
 AUGMENT_DIM = 6
 # The largest shift, as a fraction of the image side (EDM's CIFAR-10 pipe shifts by up to 1/8).
 MAX_SHIFT = 0.125
+TRANSFORMS = ("xflip", "yflip", "rotate", "shift")
 
 
-def augment(images: torch.Tensor, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(
+    images: torch.Tensor, probability: float, generator: torch.Generator, transforms: tuple[str, ...] = TRANSFORMS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch of square images (B, C, S, S); returns the images and their labels (B, AUGMENT_DIM).
 
     Each of the four transforms applies to each image on its own with ``probability``: an x-flip, a y-flip, a
     rotation by 90, 180 or 270 degrees (counter-clockwise, chosen uniformly) and a shift by a whole number of
     pixels, up to ``MAX_SHIFT`` of the side in each direction (the border is filled by reflection). They are
-    applied in that order. All random draws come from ``generator``, so a seeded run repeats exactly.
+    applied in that order. ``transforms`` names those in use (of ``TRANSFORMS``); the others never apply, and
+    their labels stay zero. All random draws come from ``generator``, so a seeded run repeats exactly.
     """
+    unknown = set(transforms) - set(TRANSFORMS)
+    if unknown:
+        raise ValueError(f"unknown augmentation {sorted(unknown)[0]!r}; choose from {', '.join(TRANSFORMS)}")
     b, _, height, width = images.shape
     if height != width:
         raise ValueError(f"augmentation needs square images, got {height}x{width}")
     device = generator.device
 
-    def chosen() -> torch.Tensor:  # (B,) whether a transform applies to each image
-        return torch.rand(b, generator=generator, device=device) < probability
+    def chosen(name: str) -> torch.Tensor:  # (B,) whether a transform applies to each image
+        drawn = torch.rand(b, generator=generator, device=device) < probability  # drawn either way: one stream
+        return drawn & (name in transforms)
 
-    xflip, yflip = chosen(), chosen()
-    quarter_turns = torch.where(chosen(), torch.randint(1, 4, (b,), generator=generator, device=device), 0)
+    xflip, yflip = chosen("xflip"), chosen("yflip")
+    quarter_turns = torch.where(chosen("rotate"), torch.randint(1, 4, (b,), generator=generator, device=device), 0)
     shift_max = max(1, round(MAX_SHIFT * width))
-    shifted = chosen()
+    shifted = chosen("shift")
     shift = torch.randint(-shift_max, shift_max + 1, (2, b), generator=generator, device=device) * shifted  # (2, B)
 
     out = images
