@@ -363,3 +363,25 @@ def test_augmentation_trains_the_network_on_augmented_images_with_their_labels(t
     model, _, config = load_model(out, use_ema=False)
     assert config["unet"]["augment_dim"] == 6 and config["train"]["augment"] == 0.5
     assert not torch.equal(model.augment_emb.weight, initial[0])  # the embedding trained
+
+
+def test_augment_transforms_picks_the_transforms_and_is_validated(tmp_path, digits, monkeypatch):
+    import inkwash.training.trainer as trainer
+
+    seen = []
+    original = trainer.diffusion_loss
+
+    def spy(model, schedule, x0, generator, prediction, *, augment_labels=None, **options):
+        seen.append(augment_labels.clone())
+        return original(model, schedule, x0, generator, prediction, augment_labels=augment_labels, **options)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", spy)
+    with pytest.raises(InkwashError, match="--augment-transforms must name some of xflip, yflip, rotate, shift"):
+        train(tiny(tmp_path / "bad", augment=0.5, augment_transforms="shift,zoom"), data=digits, show_progress=False)
+    train(
+        tiny(tmp_path / "run", steps=2, batch_size=32, augment=0.9, augment_transforms="shift"),
+        data=digits,
+        show_progress=False,
+    )
+    labels = torch.cat(seen)
+    assert not labels[:, :4].any() and labels[:, 4:].any()

@@ -11,6 +11,7 @@ from inkwash.core.denoiser import PREDICTIONS
 from inkwash.core.precision import PRECISION_CHOICES
 from inkwash.core.schedule import BETA_SCHEDULES
 from inkwash.core.unet import PRESETS
+from inkwash.data.augment import TRANSFORMS
 from inkwash.errors import InkwashError
 from inkwash.options import check_options, option
 from inkwash.training.objectives import LR_SCHEDULES
@@ -44,12 +45,17 @@ class TrainConfig:
     hflip: bool = option(False, "random horizontal flips of the training images")
     augment: float = option(
         0.0,
-        "non-leaky augmentation (Karras et al. 2022): an x-flip, a y-flip, a quarter turn and a shift of up to "
-        "1/8 of the side each apply to an image with probability P, and the network is told which; its samples "
-        "are not augmented (default: off)",
+        "non-leaky augmentation (Karras et al. 2022): each transform of --augment-transforms (an x-flip, a y-flip, "
+        "a quarter turn, a shift of up to 1/8 of the side) applies to an image with probability P, and the network "
+        "is told which; its samples are not augmented (default: off)",
         minimum=0,
         maximum=1,
         metavar="P",
+    )
+    augment_transforms: str = option(
+        ",".join(TRANSFORMS),
+        f"the transforms --augment uses, comma-separated, of {', '.join(TRANSFORMS)}",
+        metavar="LIST",
     )
     # the run folder
     out: str = option("runs/digits", "run directory for checkpoints, log and pictures", required=True)
@@ -143,8 +149,18 @@ class TrainConfig:
     eval_samples: int = option(500, "images per --eval-every", minimum=2)
     eval_reference: str | None = option(None, "digits, a folder or an .npz (default: --data when it is one)")
 
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        """``augment_transforms`` as a tuple of names."""
+        return tuple(name.strip() for name in self.augment_transforms.split(",") if name.strip())
+
     def validate(self) -> None:
         check_options(self)
+        unknown = [name for name in self.transforms if name not in TRANSFORMS]
+        if unknown or not self.transforms:
+            raise InkwashError(
+                f"--augment-transforms must name some of {', '.join(TRANSFORMS)}, got {self.augment_transforms!r}"
+            )
         if self.zero_terminal_snr and self.prediction == "eps":
             raise InkwashError(
                 "--zero-terminal-snr needs --prediction v or x0: at zero SNR the noise says nothing about the image"

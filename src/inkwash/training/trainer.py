@@ -182,7 +182,7 @@ class Trainer:
             x0 = random_flip(x0, self.noise_rng)
         augment_labels = None
         if config.augment > 0:
-            x0, augment_labels = augment(x0, config.augment, self.noise_rng)  # (B, C, H, W), (B, AUGMENT_DIM)
+            x0, augment_labels = augment(x0, config.augment, self.noise_rng, config.transforms)  # (B, AUGMENT_DIM)
         if config.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = None
