@@ -14,7 +14,8 @@ the real-data floor, with the ratio inkwash / baseline (below 1: inkwash's sampl
     python benchmarks/quality.py --summarize s0.json s1.json s2.json   # mean over seeds, ratio of the means
 
 Both train with the demo's recipe (``inkwash.commands.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas,
-Adam's beta2, the Min-SNR loss weighting, input perturbation and class conditioning with label dropout). A
+Adam's beta2, the Min-SNR loss weighting, input perturbation and class conditioning with label dropout); the
+demo's non-leaky augmentation (``--augment``) is inkwash's alone, since UNet2DModel has no input for its labels. A
 class-conditional pair samples on the same labels, stratified by the train half's class frequencies
 (``inkwash.evaluation.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM respaced to N
 steps, the demo's own sampler at N = 50 (``inkwash.commands.demo.DEMO_DDPM_STEPS``).
@@ -72,6 +73,8 @@ def train_inkwash(args, data, steps: int) -> tuple[ModelDenoiser, float]:
             adam_beta2=args.adam_beta2,
             min_snr_gamma=args.min_snr_gamma,
             input_perturbation=args.input_perturbation,
+            augment=args.augment,
+            augment_transforms=args.augment_transforms,
             beta_schedule=args.beta_schedule,
             warmup_steps=args.warmup_steps,
             ema_decay=args.ema_decay,
@@ -246,6 +249,18 @@ def main() -> None:
         help="DDPM-IP gamma on both sides (default: the demo's); 0 turns it off",
     )
     parser.add_argument(
+        "--augment",
+        type=float,
+        default=DEMO_RECIPE.get("augment", 0.0),
+        help="inkwash's non-leaky augmentation probability (default: the demo's); inkwash only, since "
+        "UNet2DModel has no input for augmentation labels; 0 turns it off",
+    )
+    parser.add_argument(
+        "--augment-transforms",
+        default=DEMO_RECIPE.get("augment_transforms", "xflip,yflip,rotate,shift"),
+        help="the transforms --augment uses (default: the demo's)",
+    )
+    parser.add_argument(
         "--class-cond",
         action=argparse.BooleanOptionalAction,
         default=DEMO_RECIPE.get("class_cond", False),
@@ -316,6 +331,7 @@ def main() -> None:
         "adam_beta2": args.adam_beta2,
         "min_snr_gamma": args.min_snr_gamma,
         "input_perturbation": args.input_perturbation,
+        "inkwash_augment": {"probability": args.augment, "transforms": args.augment_transforms},
         "beta_schedule": args.beta_schedule,
         "class_cond": args.class_cond,
         "patch_size": ours.network.config.patch_size,
@@ -330,7 +346,9 @@ def main() -> None:
         f"{result['images_seen']} images seen ({steps} steps of {args.batch_size}, dropout "
         f"{args.dropout:g}, {args.beta_schedule} betas, Adam beta2 {args.adam_beta2:g}, Min-SNR gamma "
         f"{args.min_snr_gamma}, input perturbation {args.input_perturbation:g}"
-        f"{', class-conditional' if args.class_cond else ''}); {args.num_samples} samples "
+        f"{', class-conditional' if args.class_cond else ''}"
+        f"{f'; inkwash only: augment {args.augment:g} ({args.augment_transforms})' if args.augment else ''}); "
+        f"{args.num_samples} samples "
         "each, against the test half of digits; digits features"
     )
     for sampler, sample_steps, schedule in runs:
