@@ -28,6 +28,22 @@ def tiny(out, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def record_loss_calls(monkeypatch, keep=lambda model: None) -> list[dict]:
+    """Every call of the trainer's ``diffusion_loss`` from now on, as its ``x0`` and keyword tensors (cloned)
+    and ``keep(model)`` taken before the call."""
+    import inkwash.training.trainer as trainer
+
+    calls, original = [], trainer.diffusion_loss
+
+    def spy(model, schedule, x0, *args, **options):
+        copies = {key: value.clone() for key, value in options.items() if isinstance(value, torch.Tensor)}
+        calls.append({"x0": x0.clone(), "kept": keep(model), **copies})
+        return original(model, schedule, x0, *args, **options)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", spy)
+    return calls
+
+
 def test_learning_rate_schedules():
     kwargs = dict(peak=1.0, warmup_steps=10, total_steps=110)
     assert learning_rate(0, schedule="constant", **kwargs) == pytest.approx(0.1)
@@ -199,18 +215,9 @@ def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path, digits, monkeypat
 
 
 def test_label_dropout_feeds_the_null_class_at_the_requested_rate(tmp_path, digits, monkeypatch):
-    import inkwash.training.trainer as trainer
-
-    seen = []
-    original = trainer.diffusion_loss
-
-    def spy(model, schedule, x0, generator, prediction, *, labels=None, **options):
-        seen.append(labels.clone())
-        return original(model, schedule, x0, generator, prediction, labels=labels, **options)
-
-    monkeypatch.setattr(trainer, "diffusion_loss", spy)
+    calls = record_loss_calls(monkeypatch)
     train(tiny(tmp_path, steps=20, batch_size=50, class_cond=True, cond_drop=0.3), data=digits, show_progress=False)
-    labels = torch.cat(seen)
+    labels = torch.cat([call["labels"] for call in calls])
     null = (labels == 10).float().mean().item()
     assert 0.24 < null < 0.36  # 1000 draws at p = 0.3: 4 standard deviations is 0.058
     assert set(labels[labels != 10].tolist()) == set(range(10))
@@ -334,48 +341,28 @@ def test_two_micro_batches_of_4_give_the_gradient_of_one_batch_of_8(tmp_path, di
 def test_augmentation_trains_the_network_on_augmented_images_with_their_labels(tmp_path, digits, monkeypatch):
     """``--augment P``: the loss sees augmented images with matching labels, the network gets an augmentation
     embedding that trains, and P is validated and recorded."""
-    import inkwash.training.trainer as trainer
-
-    seen, initial = [], []
-    original = trainer.diffusion_loss
-
-    def spy(model, schedule, x0, generator, prediction, *, augment_labels=None, **options):
-        seen.append((x0.clone(), augment_labels.clone()))
-        if not initial:
-            initial.append(model.augment_emb.weight.detach().clone())
-        return original(model, schedule, x0, generator, prediction, augment_labels=augment_labels, **options)
-
-    monkeypatch.setattr(trainer, "diffusion_loss", spy)
+    calls = record_loss_calls(monkeypatch, keep=lambda model: model.augment_emb.weight.detach().clone())
     with pytest.raises(InkwashError, match="--augment must be in"):
         train(tiny(tmp_path / "bad", augment=1.5), data=digits, show_progress=False)
     out = tmp_path / "run"
     train(tiny(out, steps=3, batch_size=32, augment=0.5, warmup_steps=0), data=digits, show_progress=False)
-    labels = torch.cat([labels for _, labels in seen])
+    labels = torch.cat([call["augment_labels"] for call in calls])
     assert labels.shape == (96, 6)
     assert 0.25 < (labels[:, 0] == 1).float().mean() < 0.75  # x-flips at p = 0.5, 96 draws
     unaugmented = ~labels.any(dim=1)
     assert 0 < unaugmented.sum() < 96
     originals = digits.images.flatten(1)
-    for images, batch_labels in seen:  # an image with all-zero labels is a training image, untouched
-        for image, label in zip(images, batch_labels, strict=True):
+    for call in calls:  # an image with all-zero labels is a training image, untouched
+        for image, label in zip(call["x0"], call["augment_labels"], strict=True):
             if not label.any():
                 assert (originals == image.flatten()).all(dim=1).any()
     model, _, config = load_model(out, use_ema=False)
     assert config["unet"]["augment_dim"] == 6 and config["train"]["augment"] == 0.5
-    assert not torch.equal(model.augment_emb.weight, initial[0])  # the embedding trained
+    assert not torch.equal(model.augment_emb.weight, calls[0]["kept"])  # the embedding trained
 
 
 def test_augment_transforms_picks_the_transforms_and_is_validated(tmp_path, digits, monkeypatch):
-    import inkwash.training.trainer as trainer
-
-    seen = []
-    original = trainer.diffusion_loss
-
-    def spy(model, schedule, x0, generator, prediction, *, augment_labels=None, **options):
-        seen.append(augment_labels.clone())
-        return original(model, schedule, x0, generator, prediction, augment_labels=augment_labels, **options)
-
-    monkeypatch.setattr(trainer, "diffusion_loss", spy)
+    calls = record_loss_calls(monkeypatch)
     with pytest.raises(InkwashError, match="--augment-transforms must name some of xflip, yflip, rotate, shift"):
         train(tiny(tmp_path / "bad", augment=0.5, augment_transforms="shift,zoom"), data=digits, show_progress=False)
     train(
@@ -383,5 +370,5 @@ def test_augment_transforms_picks_the_transforms_and_is_validated(tmp_path, digi
         data=digits,
         show_progress=False,
     )
-    labels = torch.cat(seen)
+    labels = torch.cat([call["augment_labels"] for call in calls])
     assert not labels[:, :4].any() and labels[:, 4:].any()
