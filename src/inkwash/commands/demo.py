@@ -59,7 +59,9 @@ DEMO_EVAL_DRAWS = 3
 # the network is told by how much. At 3,900 steps (seeds 0 and 1, four draws each, 1,000 samples, floor 0.460)
 # FID 0.632 and 0.639 against 0.665 and 0.664, better on seven paired draws of eight: recall 0.79-0.84
 # against 0.74-0.78, precision 0.92-0.93 against 0.93-0.96. All four transforms at 0.12 and shifts at 0.6
-# raise recall further but lose more precision. docs/experiments.md, "Augmentation against copying".
+# raise recall further but lose more precision. With shifts the score is lowest near 3,900 steps, about what five
+# minutes train here, and rises after (0.671 and 0.690 at 5,200 steps): a faster step would not lower it.
+# docs/experiments.md, "Augmentation against copying".
 DEMO_RECIPE = {
     "batch_size": 64,
     "lr": 1.4e-3,
