@@ -14,8 +14,9 @@ the real-data floor, with the ratio inkwash / baseline (below 1: inkwash's sampl
     python benchmarks/quality.py --summarize s0.json s1.json s2.json   # mean over seeds, ratio of the means
 
 Both train with the demo's recipe (``inkwash.commands.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas,
-Adam's beta2, the Min-SNR loss weighting, input perturbation and class conditioning with label dropout); the
-demo's non-leaky augmentation (``--augment``) is inkwash's alone, since UNet2DModel has no input for its labels. A
+Adam's beta2, the Min-SNR loss weighting, input perturbation and class conditioning with label dropout);
+non-leaky augmentation (``--augment``, off in the demo's recipe) is inkwash's alone, since UNet2DModel has no
+input for its labels. A
 class-conditional pair samples on the same labels, stratified by the train half's class frequencies
 (``inkwash.evaluation.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM respaced to N
 steps, the demo's own sampler at N = 50 (``inkwash.commands.demo.DEMO_DDPM_STEPS``).
@@ -258,7 +259,7 @@ def main() -> None:
     parser.add_argument(
         "--augment-transforms",
         default=DEMO_RECIPE.get("augment_transforms", "xflip,yflip,rotate,shift"),
-        help="the transforms --augment uses (default: the demo's)",
+        help="the transforms --augment uses (default: the demo's, else all four)",
     )
     parser.add_argument(
         "--class-cond",

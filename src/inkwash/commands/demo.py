@@ -55,13 +55,12 @@ DEMO_EVAL_DRAWS = 3
 # 5,700 of 32; seeds 0-2, 1,000 samples, floor 0.460) it scored DDPM-50 at guidance 0.9 0.731 / 0.644 / 0.664
 # against 0.749 / 0.600 / 0.734 (mean 0.680 against 0.694) and DDIM-50 0.672 / 0.682 / 0.654 against 0.766 /
 # 0.825 / 0.718 (mean 0.669 against 0.770). docs/experiments.md, "Levers at the patched preset's budget".
-# Non-leaky shifts (since 2026-11-28; Karras et al. 2022): 30% of the training digits move by up to 2 pixels and
-# the network is told by how much. At 3,900 steps (seeds 0 and 1, four draws each, 1,000 samples, floor 0.460)
-# FID 0.632 and 0.639 against 0.665 and 0.664, better on seven paired draws of eight: recall 0.79-0.84
-# against 0.74-0.78, precision 0.92-0.93 against 0.93-0.96. All four transforms at 0.12 and shifts at 0.6
-# raise recall further but lose more precision. With shifts the score is lowest near 3,900 steps, about what five
-# minutes train here, and rises after (0.671 and 0.690 at 5,200 steps): a faster step would not lower it.
-# docs/experiments.md, "Augmentation against copying".
+# No augmentation. Non-leaky shifts (`--augment 0.3 --augment-transforms shift`; Karras et al. 2022) were in the
+# recipe for one afternoon: at 3,900 steps they scored DDPM-50 at guidance 0.9 0.632 and 0.639 against 0.665 and
+# 0.664 (seeds 0 and 1, four draws each), but they cost deterministic DDIM 22% (benchmarks/quality.py at
+# 232,384 images, seeds 0 and 1: inkwash's DDIM-50 mean 0.857 against 0.704 without them, ratio to diffusers
+# 1.15 against 0.94), and with them the DDPM score is lowest near 3,900 steps and rises after, so they do not
+# turn more speed into a better demo either. docs/experiments.md, "Augmentation against copying".
 DEMO_RECIPE = {
     "batch_size": 64,
     "lr": 1.4e-3,
@@ -71,8 +70,6 @@ DEMO_RECIPE = {
     "min_snr_gamma": 5.0,
     "class_cond": True,
     "input_perturbation": 0.1,
-    "augment": 0.3,
-    "augment_transforms": "shift",
 }
 
 
