@@ -16,10 +16,9 @@ the real-data floor, with the ratio inkwash / baseline (below 1: inkwash's sampl
 Both train with the demo's recipe (``inkwash.commands.demo.DEMO_RECIPE``: batch size, learning rate, dropout, betas,
 Adam's beta2, the Min-SNR loss weighting, input perturbation and class conditioning with label dropout);
 non-leaky augmentation (``--augment``, off in the demo's recipe) is inkwash's alone, since UNet2DModel has no
-input for its labels. A
-class-conditional pair samples on the same labels, stratified by the train half's class frequencies
-(``inkwash.evaluation.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM respaced to N
-steps, the demo's own sampler at N = 50 (``inkwash.commands.demo.DEMO_DDPM_STEPS``).
+input for its labels. A class-conditional pair samples on the same labels, stratified by the train half's class
+frequencies (``inkwash.evaluation.evaluate.class_prior_labels``). ``--ddpm-steps N`` also samples both with DDPM
+respaced to N steps, the demo's own sampler at N = 50 (``inkwash.commands.demo.DEMO_DDPM_STEPS``).
 
 A preset with a patch size (space-to-depth input) is compared with an unpatched twin at full resolution:
 ``UNet2DModel`` has no such input. Equal images then cost inkwash less time, so a ratio at or below 1 means
