@@ -39,6 +39,7 @@ from inkwash.checkpoint import load_model
 from inkwash.commands.demo import DEMO_RECIPE
 from inkwash.core.denoiser import ModelDenoiser
 from inkwash.core.unet import count_parameters, preset
+from inkwash.data.augment import TRANSFORMS as AUGMENT_TRANSFORMS
 from inkwash.data.loading import load_digits
 from inkwash.evaluation.evaluate import MetricSettings, class_prior_labels, sample_images, score_images
 from inkwash.evaluation.reference import load_reference
@@ -257,7 +258,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--augment-transforms",
-        default=DEMO_RECIPE.get("augment_transforms", "xflip,yflip,rotate,shift"),
+        default=DEMO_RECIPE.get("augment_transforms", ",".join(AUGMENT_TRANSFORMS)),
         help="the transforms --augment uses (default: the demo's, else all four)",
     )
     parser.add_argument(
