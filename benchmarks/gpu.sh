@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, within 9 minutes (530 s), on a fresh machine with one NVIDIA GPU and PyTorch
 # installed but no internet: the machine, the chip's matmul peak, benchmarks/throughput.py (inkwash against
-# diffusers, fp32 against bf16, FLOPs and MFU, then bf16 under torch.compile with CUDA graphs at batch 512),
-# benchmarks/sd_speed.py (Stable Diffusion 1.5's shapes, inkwash against diffusers) and the tests that run on
-# the GPU, each step under its own `timeout`, a failed step not stopping the others. Prepare it HERE first with
+# diffusers, fp32 against bf16, FLOPs and MFU), the tests that run on the GPU, bf16 under torch.compile with
+# CUDA graphs at batch 512 (contiguous and channels_last), then benchmarks/sd_speed.py (Stable Diffusion 1.5's
+# shapes, inkwash against diffusers) with the time left, each step under its own `timeout`, a failed step not stopping the others. Prepare it HERE first with
 # benchmarks/gpu_prepare.sh (wheels and a `git archive` of HEAD in .gpu/), then run it there from the
 # repository root:
 #
@@ -13,7 +13,7 @@
 # Options: --dry-run (or GPU_SH_CPU_CHECK=1): the CPU check; --head: run the code in .gpu/head.tar (the
 # default when it exists); --tree: run the working tree as it is. Environment: OUT (where everything goes,
 # default gpu_out), PYTHON (default .venv/bin/python where it exists, else python3), GPU_SH_STEPS (the steps
-# to run, default all: machine peak throughput sd pytest throughput_compile precision_large),
+# to run, default all: machine peak throughput pytest throughput_compile sd precision_large),
 # GPU_SH_BUDGET_S (no step runs past this many seconds from the start, default 530), GPU_SH_SOFT_S (optional
 # steps are skipped once this many seconds have passed, default 490), GPU_SH_WHEELS=all (install every
 # carried wheel, not only the missing ones), GPU_SH_PYTEST_ARGS (replaces the test selection: files, -k ...),
@@ -69,7 +69,7 @@ else
     PY=python3
 fi
 
-ALL_STEPS="machine peak throughput sd pytest throughput_compile precision_large"
+ALL_STEPS="machine peak throughput pytest throughput_compile sd precision_large"
 STEPS_WANTED=${GPU_SH_STEPS:-$ALL_STEPS}
 for step in $STEPS_WANTED; do
     if [[ " $ALL_STEPS " != *" $step "* ]]; then
@@ -688,9 +688,6 @@ fi
 run_step throughput 130 required "${BENCH[@]}" "${MEMORY_MAIN[@]}" "${PEAK_ARGS[@]}" --batch-size "$BATCH" \
     --json "$STEPS/throughput_$PRESET.json"
 
-# Stable Diffusion 1.5's shapes (random weights, built on the GPU), inkwash against diffusers, DPM++ 2M.
-run_step sd 150 required "$PY" benchmarks/sd_speed.py "${SD_ARGS[@]}" --json "$STEPS/sd_$SD_SIZE.json"
-
 # pyproject.toml's addopts already say -q (a second -q would drop the summary line); -n below overrides its -n.
 PYTEST=("$PY" -m pytest --durations 10 -p no:cacheprovider --continue-on-collection-errors --junitxml "$OUT/junit.xml")
 if "$PY" -c 'import xdist' 2>/dev/null; then
@@ -702,11 +699,18 @@ if "$PY" -c 'import pytest_timeout' 2>/dev/null; then PYTEST+=(--timeout 60); fi
 run_step pytest 70 required "${PYTEST[@]}" "${PYTEST_SELECT[@]}"
 
 # bf16 under torch.compile with CUDA graphs (mode reduce-overhead) at the large batch, against fp32, bf16 and
-# diffusers at that batch: issue 21's targets (bf16 / fp32, MFU, inkwash / diffusers). Gets what is left;
-# compilation alone took 58-167 s on earlier GPU runs. throughput.py writes what it measured when cut short.
+# diffusers at that batch: issue 21's targets (bf16 / fp32, MFU, inkwash / diffusers); every variant but the
+# fp32 baseline also in channels_last (NHWC), the layout cuDNN's tensor-core convolutions want. Gets what is
+# left; compilation alone took 58-167 s per variant on earlier GPU runs. Each compiled variant is timed once as
+# soon as it is compiled, and throughput.py writes what it measured when cut short.
 run_step throughput_compile 400 optional "${BENCH_BASE[@]}" "${MEMORY_OFF[@]}" "${PEAK_ARGS[@]}" \
     --compile --compile-mode reduce-overhead --compile-precisions bf16 --rounds "$COMPILE_ROUNDS" \
+    --memory-formats contiguous,channels_last \
     --batch-size "$BATCH_LARGE" --json "$STEPS/throughput_${PRESET}_b${BATCH_LARGE}_compile.json"
+
+# Stable Diffusion 1.5's shapes (random weights, built on the GPU), inkwash against diffusers, DPM++ 2M. Measured
+# on 2026-11-28 (docs/results.md), so it comes after the compile step and takes what that leaves.
+run_step sd 150 optional "$PY" benchmarks/sd_speed.py "${SD_ARGS[@]}" --json "$STEPS/sd_$SD_SIZE.json"
 run_step precision_large 60 optional "${BENCH[@]}" "${MEMORY_OFF[@]}" "${PEAK_ARGS[@]}" --precision-only \
     --batch-size "$BATCH_LARGE" --json "$STEPS/precision_${PRESET}_b$BATCH_LARGE.json"
 

@@ -21,7 +21,8 @@ gradient clipping (``precision.precision_context``); for sampling, each denoiser
 forward) under the same autocast. ``--compile`` adds both precisions with the network under
 ``torch.compile``. Prints images/s for each variant and its ratio to fp32 (> 1 means faster than fp32).
 ``--precision-only`` skips diffusers. ``--compile-mode`` picks torch.compile's mode (``reduce-overhead``
-replays CUDA graphs) and ``--compile-precisions`` the precisions compiled.
+replays CUDA graphs) and ``--compile-precisions`` the precisions compiled. ``--memory-formats
+contiguous,channels_last`` adds a channels_last (NHWC) twin of every variant but the fp32 baseline.
 
 Each variant's achieved TFLOP/s comes from the model FLOPs per image that
 ``torch.utils.flop_counter.FlopCounterMode`` counts (one training step: forward and backward; sampling: one
@@ -111,16 +112,20 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> str:
     return f"{type(optimizer).__name__} (fused={fused}, foreach={foreach})"
 
 
-def inkwash_train_step(model, optimizer, batch_size, shape, schedule, precision="fp32", device=CPU, compiled=False):
+def inkwash_train_step(
+    model, optimizer, batch_size, shape, schedule, precision="fp32", device=CPU, compiled=False, channels_last=False
+):
     """One step of inkwash's own trainer: diffusion_loss under its precision context, the optimizer,
     gradient clipping (train.py's ``_accumulate`` and step, without the EMA and the logging).
 
     ``compiled``: the model is under torch.compile, whose "reduce-overhead" mode replays CUDA graphs (cudagraph
     trees); each step then starts with ``torch.compiler.cudagraph_mark_step_begin()``, which tells it that the
     previous step's outputs (its loss, its gradients, already consumed) may be overwritten. Elsewhere it is a
-    no-op."""
+    no-op. ``channels_last``: the images are laid out as the trainer's ``--channels-last`` lays them out."""
     generator = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch_size, *shape, generator=generator, device=device) * 2 - 1  # (B, C, H, W)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
 
     def step():
         if compiled:
@@ -252,13 +257,25 @@ def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | Non
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
+MEMORY_FORMATS = ("contiguous", "channels_last")
+
+
 def precision_variants(
-    compile_too: bool, compiled_precisions: tuple[str, ...] = ("fp32", "bf16")
-) -> list[tuple[str, str, bool]]:
-    """(name, precision, compiled) for each inkwash variant; the first is the fp32 baseline."""
-    variants = [("fp32", "fp32", False), ("bf16", "bf16", False)]
+    compile_too: bool,
+    compiled_precisions: tuple[str, ...] = ("fp32", "bf16"),
+    memory_formats: tuple[str, ...] = ("contiguous",),
+) -> list[tuple[str, str, bool, bool]]:
+    """(name, precision, compiled, channels_last) for each inkwash variant; the first is the fp32 baseline.
+
+    Each memory format after the first adds a twin of every variant but the baseline, its name ending in
+    ", channels_last": the networks and the training images in that layout (NHWC), which cuDNN's tensor-core
+    convolutions read without a transpose."""
+    base = [("fp32", "fp32", False), ("bf16", "bf16", False)]
     if compile_too:
-        variants += [(f"{p} compiled", p, True) for p in ("fp32", "bf16") if p in compiled_precisions]
+        base += [(f"{p} compiled", p, True) for p in ("fp32", "bf16") if p in compiled_precisions]
+    variants = [(name, p, compiled, memory_formats[0] == "channels_last") for name, p, compiled in base]
+    for fmt in memory_formats[1:]:
+        variants += [(f"{name}, {fmt}", p, compiled, fmt == "channels_last") for name, p, compiled in base[1:]]
     return variants
 
 
@@ -392,6 +409,12 @@ def parse_args() -> argparse.Namespace:
         help="the precisions that get a compiled variant with --compile (default: %(default)s)",
     )
     parser.add_argument(
+        "--memory-formats",
+        default="contiguous",
+        help="comma-separated: contiguous and/or channels_last; each after the first adds a twin of every inkwash "
+        "variant but the fp32 baseline in that layout (default: %(default)s)",
+    )
+    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -414,6 +437,9 @@ def parse_args() -> argparse.Namespace:
     args.compile_precisions = tuple(p.strip() for p in args.compile_precisions.split(",") if p.strip())
     if not set(args.compile_precisions) <= {"fp32", "bf16"} or not args.compile_precisions:
         parser.error("--compile-precisions takes fp32 and/or bf16, separated by a comma")
+    args.memory_formats = tuple(dict.fromkeys(f.strip() for f in args.memory_formats.split(",") if f.strip()))
+    if not args.memory_formats or not set(args.memory_formats) <= set(MEMORY_FORMATS):
+        parser.error(f"--memory-formats takes {' and/or '.join(MEMORY_FORMATS)}, separated by a comma")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but PyTorch sees no GPU")
     if args.device == "cuda" and not torch.cuda.is_bf16_supported():
@@ -462,7 +488,8 @@ def main() -> None:
     schedule = NoiseSchedule()
     shape = (config.in_channels, config.image_size, config.image_size)
     b = args.batch_size
-    variants = precision_variants(args.compile, args.compile_precisions)
+    variants = precision_variants(args.compile, args.compile_precisions, args.memory_formats)
+    compiled_names = {name for name, _, compiled, _ in variants if compiled}
     threads = torch.get_num_threads()
     result: dict = {
         "preset": args.preset,
@@ -473,6 +500,7 @@ def main() -> None:
         "train_steps": args.train_steps,
         "sample_steps": args.sample_steps,
         "compile_mode": args.compile_mode if args.compile else None,
+        "memory_formats": list(args.memory_formats),
         "peak_tflops": args.peak_tflops,
         "complete": False,
     }
@@ -499,18 +527,21 @@ def main() -> None:
         # trains or samples another's network. Tasks run in this order within every round.
         tasks: dict[tuple[str, str], tuple[Callable[[], None], int]] = {}
         optimizers = {}
-        for name, precision, compiled in variants:
+        for name, precision, compiled, channels_last in variants:
             train_model, sample_model = (copy.deepcopy(ours).to(device) for _ in range(2))
+            if channels_last:
+                nhwc = torch.channels_last
+                train_model, sample_model = (m.to(memory_format=nhwc) for m in (train_model, sample_model))
             optimizers[name] = make_optimizer(train_model, lr=1e-4)  # before compiling: the same parameters
             if compiled:  # sampling as `inkwash sample --compile` runs it: a channels_last copy on a CPU
                 if device.type == "cpu":
                     sample_model = sample_model.to(memory_format=torch.channels_last)
                 train_model = compile_model(train_model, args.compile_mode)
                 sample_model = compile_model(sample_model, args.compile_mode)
-            tasks["train", name] = (
-                inkwash_train_step(train_model, optimizers[name], b, shape, schedule, precision, device, compiled),
-                args.train_steps,
+            train_step = inkwash_train_step(
+                train_model, optimizers[name], b, shape, schedule, precision, device, compiled, channels_last
             )
+            tasks["train", name] = (train_step, args.train_steps)
             tasks["sample", name] = (
                 inkwash_sampler(sample_model, schedule, b, shape, args.sample_steps, precision, device, compiled),
                 1,
@@ -564,7 +595,7 @@ def main() -> None:
         def warm_up(key) -> None:  # a round's worth of calls, and at least 3 under torch.compile, whose CUDA
             # graphs run eagerly once, are recorded on the second call and replayed from the third on
             fn, repeats = tasks[key]
-            calls = max(repeats, 3) if key[1].endswith("compiled") else repeats
+            calls = max(repeats, 3) if key[1] in compiled_names else repeats
             attempt(key, lambda: warmup.__setitem__(" ".join(key), round(timed(fn, calls, device) * calls, 3)))
 
         def time_round(keys) -> None:
@@ -573,15 +604,19 @@ def main() -> None:
                 attempt(key, lambda: times[key].append(timed(fn, repeats, device)))  # noqa: B023
 
         try:
-            eager = [key for key in tasks if not key[1].endswith("compiled")]
+            eager = [key for key in tasks if key[1] not in compiled_names]
             compiled_keys = [key for key in tasks if key not in eager]
             for key in eager:
                 warm_up(key)
             if compiled_keys:  # one round of the eager tasks before compiling: figures even if compilation
                 time_round(eager)  # runs past the time limit (their medians then take rounds + 1 rounds)
                 result["eager_rounds_before_compiling"] = 1
-                for key in compiled_keys:
-                    warm_up(key)
+                for name in dict.fromkeys(key[1] for key in compiled_keys):  # likewise, each compiled variant
+                    keys = [key for key in compiled_keys if key[1] == name]  # gets a round as soon as it is
+                    for key in keys:  # compiled, so that a limit hit while compiling the next one leaves its
+                        warm_up(key)  # figures
+                    time_round(keys)
+                result["compiled_rounds_after_warmup"] = 1
             for _ in range(args.rounds):
                 time_round(list(tasks))
         except Interrupted as stop:
@@ -643,9 +678,10 @@ def report(args, result: dict, times: dict, variants, n_ours: int, n_theirs: int
     flop_head = f" {'train TF/s':>10s} {'sample TF/s':>11s}" + (
         f" {'train MFU':>9s} {'sample MFU':>10s}" if peak else ""
     )
-    print(f"{'':14s} {'train':>9s} {'vs fp32':>8s} {'sample':>9s} {'vs fp32':>8s}" + (flop_head if flops else ""))
+    w = max([14] + [len(name) for name, *_ in variants])  # the name column
+    print(f"{'':{w}s} {'train':>9s} {'vs fp32':>8s} {'sample':>9s} {'vs fp32':>8s}" + (flop_head if flops else ""))
     base_train, base_sample = rate.get(("train", "fp32")), rate.get(("sample", "fp32"))
-    for name, _, _ in variants:
+    for name, *_ in variants:
         train, sample = rate.get(("train", name)), rate.get(("sample", name))
         if train is None and sample is None:
             continue
@@ -656,13 +692,13 @@ def report(args, result: dict, times: dict, variants, n_ours: int, n_theirs: int
             entry.update(flops_rates(train, sample, flops["inkwash"], args.sample_steps, peak))
         result["precision"][name] = entry
         cells = _flop_cells(entry, peak) if flops else ""
-        print(f"{name:14s} {_f(train, 9, 1)} {_f(entry['train_vs_fp32'], 8, 2)} "
+        print(f"{name:{w}s} {_f(train, 9, 1)} {_f(entry['train_vs_fp32'], 8, 2)} "
               f"{_f(sample, 9, 1)} {_f(entry['sample_vs_fp32'], 8, 2)}{cells}")  # fmt: skip
     if "diffusers" in flops and (("train", "diffusers") in rate or ("sample", "diffusers") in rate):
         entry = flops_rates(rate.get(("train", "diffusers")), rate.get(("sample", "diffusers")), flops["diffusers"],
                             args.sample_steps, peak)  # fmt: skip
         result["diffusers_flops_rates"] = entry
-        print(f"{'diffusers fp32':14s} {_f(rate.get(('train', 'diffusers')), 9, 1)} {'':8s} "
+        print(f"{'diffusers fp32':{w}s} {_f(rate.get(('train', 'diffusers')), 9, 1)} {'':8s} "
               f"{_f(rate.get(('sample', 'diffusers')), 9, 1)} {'':8s}" + _flop_cells(entry, peak))  # fmt: skip
     print(f"(sample: {args.sample_steps}-step DDIM; train: {args.train_steps} steps per round)")
     if flops:
@@ -676,7 +712,7 @@ def report(args, result: dict, times: dict, variants, n_ours: int, n_theirs: int
     print(f"\nmachine: {result['machine']}; inkwash's default precision here: {default}")
     if n_theirs is not None:
         result["defaults_vs_diffusers"] = {}
-        candidates = [default] + [name for name, _, compiled in variants if compiled]
+        candidates = [default] + [name for name, _, compiled, channels_last in variants if compiled or channels_last]
         for name in dict.fromkeys(candidates):
             if all((kind, name) in rate and (kind, "diffusers") in rate for kind in ("train", "sample")):
                 ratios = {kind: rate[kind, name] / rate[kind, "diffusers"] for kind in ("train", "sample")}
