@@ -216,6 +216,20 @@ def test_docs_and_openapi(client):
     assert "cfg_scale" in json.dumps(schema["components"])
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_load_their_scripts_from_this_server(client, page):
+    """An offline machine (most of this project's) gets the API pages too: no script or style from a CDN."""
+    html = client.get(page).text
+    sources = re.findall(r'(?:src|href)=["\']([^"\']+)', html)
+    assert any(source.endswith(".js") for source in sources), html
+    for source in sources:
+        assert not re.match(r"(https?:)?//", source), f"{page} loads {source} from another server"
+        response = client.get(source)
+        assert response.status_code == 200, source
+        if source.endswith((".js", ".css")):
+            assert len(response.content) > 10_000, source
+
+
 def test_progress_when_idle(client):
     progress = client.get("/sdapi/v1/progress").json()
     assert progress["progress"] == 0 and progress["eta_relative"] == 0

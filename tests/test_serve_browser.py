@@ -480,6 +480,27 @@ def test_api_errors_are_shown_on_the_page(ui):
     assert "input image" in page.inner_text("#message-text")
 
 
+def test_the_api_docs_work_offline(browser, server_url):
+    """/docs in chromium: Swagger UI draws the WebUI API from this server's own files (nothing from a CDN: most
+    machines this runs on have no internet) and "Try it out" reaches the API."""
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    session = Session(page, server_url)
+    page.goto(server_url + "/docs")
+    operation = page.locator("#operations-WebUI_API-samplers_sdapi_v1_samplers_get")
+    operation.locator(".opblock-summary").click()
+    page.click("#operations-WebUI_API-samplers_sdapi_v1_samplers_get .try-out__btn")
+    with page.expect_response("**/sdapi/v1/samplers") as answer:
+        operation.locator(".execute").click()
+    assert answer.value.status == 200
+    assert "DPM++ 2M" in operation.locator(".responses-wrapper .live-responses-table").inner_text()
+    assert page.locator(".opblock-summary-path[data-path='/sdapi/v1/txt2img']").count() == 1
+    context.close()
+    assert session.unexpected() == [], "the docs page logged errors"
+    assert session.foreign == [], "the docs page fetched something from another server"
+
+
 def test_stable_diffusion_prompt_and_size(sd_ui):
     page = sd_ui.page
     # a text-conditional model: prompt boxes and a size instead of the class menus

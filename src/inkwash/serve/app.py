@@ -21,6 +21,7 @@ from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -180,7 +181,7 @@ def create_app(options: ServeOptions) -> FastAPI:
         yield
         worker.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # a FastAPI app whose /docs and /redoc pages load their scripts from this server
         title="inkwash",
         description="Sample inkwash diffusion models: the Stable Diffusion WebUI's API (a compatible subset).",
         lifespan=lifespan,
