@@ -16,7 +16,8 @@
 # to run, default all: machine peak throughput pytest throughput_compile sd precision_large),
 # GPU_SH_BUDGET_S (no step runs past this many seconds from the start, default 530), GPU_SH_SOFT_S (optional
 # steps are skipped once this many seconds have passed, default 490), GPU_SH_WHEELS=all (install every
-# carried wheel, not only the missing ones), GPU_SH_PYTEST_ARGS (replaces the test selection: files, -k ...),
+# carried wheel, not only the missing ones), GPU_SH_COMPILE_ARGS (more throughput.py options for the compile
+# step, e.g. --cudnn-benchmark), GPU_SH_PYTEST_ARGS (replaces the test selection: files, -k ...),
 # GPU_SH_PYTEST_WORKERS (xdist workers on the GPU, default 8), GPU_SH_KEEP_WORK=1 (keep the temporary folder).
 #
 # Writes under $OUT: summary.json (machine, peak TFLOP/s, each benchmark's JSON, the test summary, each
@@ -117,6 +118,8 @@ else
     SD_ARGS=(--size sd15 --device cuda --precision fp16 --steps 20 --batch-sizes "1,4" --rounds 3)
     COMPILE_ROUNDS=2
 fi
+COMPILE_EXTRA=()
+if [[ -n ${GPU_SH_COMPILE_ARGS:-} ]]; then read -r -a COMPILE_EXTRA <<<"$GPU_SH_COMPILE_ARGS"; fi
 if [[ -n ${GPU_SH_PYTEST_ARGS:-} ]]; then
     read -r -a PYTEST_SELECT <<<"$GPU_SH_PYTEST_ARGS"
 else
@@ -705,7 +708,7 @@ run_step pytest 70 required "${PYTEST[@]}" "${PYTEST_SELECT[@]}"
 # soon as it is compiled, and throughput.py writes what it measured when cut short.
 run_step throughput_compile 400 optional "${BENCH_BASE[@]}" "${MEMORY_OFF[@]}" "${PEAK_ARGS[@]}" \
     --compile --compile-mode reduce-overhead --compile-precisions bf16 --rounds "$COMPILE_ROUNDS" \
-    --memory-formats contiguous,channels_last \
+    --memory-formats contiguous,channels_last "${COMPILE_EXTRA[@]}" \
     --batch-size "$BATCH_LARGE" --json "$STEPS/throughput_${PRESET}_b${BATCH_LARGE}_compile.json"
 
 # Stable Diffusion 1.5's shapes (random weights, built on the GPU), inkwash against diffusers, DPM++ 2M. Measured

@@ -22,7 +22,8 @@ forward) under the same autocast. ``--compile`` adds both precisions with the ne
 ``torch.compile``. Prints images/s for each variant and its ratio to fp32 (> 1 means faster than fp32).
 ``--precision-only`` skips diffusers. ``--compile-mode`` picks torch.compile's mode (``reduce-overhead``
 replays CUDA graphs) and ``--compile-precisions`` the precisions compiled. ``--memory-formats
-contiguous,channels_last`` adds a channels_last (NHWC) twin of every variant but the fp32 baseline.
+contiguous,channels_last`` adds a channels_last (NHWC) twin of every variant but the fp32 baseline, and
+``--cudnn-benchmark`` runs inkwash's tasks with cuDNN's benchmark mode on.
 
 Each variant's achieved TFLOP/s comes from the model FLOPs per image that
 ``torch.utils.flop_counter.FlopCounterMode`` counts (one training step: forward and backward; sampling: one
@@ -196,6 +197,22 @@ def diffusers_sampler(model, batch_size, shape, steps, device=CPU):
         x = torch.randn(batch_size, *shape, device=device)
         for t in scheduler.timesteps:
             x = scheduler.step(model(x, t).sample, t, x).prev_sample
+
+    return run
+
+
+def with_cudnn_benchmark(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with cuDNN's benchmark mode on for the length of each call: the first call with each shape times the
+    convolution algorithms and keeps the fastest (and, under CUDA graphs, the one captured). Other tasks keep
+    PyTorch's default (off). Without cuDNN (a CPU) the flag does nothing."""
+
+    def run() -> None:
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            fn()
+        finally:
+            torch.backends.cudnn.benchmark = before
 
     return run
 
@@ -415,6 +432,11 @@ def parse_args() -> argparse.Namespace:
         "variant but the fp32 baseline in that layout (default: %(default)s)",
     )
     parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="run inkwash's tasks with torch.backends.cudnn.benchmark on (diffusers' keep the default, off)",
+    )
+    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -501,6 +523,7 @@ def main() -> None:
         "sample_steps": args.sample_steps,
         "compile_mode": args.compile_mode if args.compile else None,
         "memory_formats": list(args.memory_formats),
+        "cudnn_benchmark": args.cudnn_benchmark,
         "peak_tflops": args.peak_tflops,
         "complete": False,
     }
@@ -541,11 +564,11 @@ def main() -> None:
             train_step = inkwash_train_step(
                 train_model, optimizers[name], b, shape, schedule, precision, device, compiled, channels_last
             )
+            sampler = inkwash_sampler(sample_model, schedule, b, shape, args.sample_steps, precision, device, compiled)
+            if args.cudnn_benchmark:
+                train_step, sampler = with_cudnn_benchmark(train_step), with_cudnn_benchmark(sampler)
             tasks["train", name] = (train_step, args.train_steps)
-            tasks["sample", name] = (
-                inkwash_sampler(sample_model, schedule, b, shape, args.sample_steps, precision, device, compiled),
-                1,
-            )
+            tasks["sample", name] = (sampler, 1)
         n_theirs = None
         if not args.precision_only:
             theirs = diffusers_twin(config, resnet_time_scale_shift="scale_shift")

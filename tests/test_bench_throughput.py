@@ -62,6 +62,20 @@ def test_a_channels_last_train_step_feeds_the_network_nhwc(throughput):
         assert seen == [channels_last]
 
 
+def test_cudnn_benchmark_mode_is_on_only_during_the_wrapped_call(throughput):
+    before = torch.backends.cudnn.benchmark
+    seen = []
+    throughput.with_cudnn_benchmark(lambda: seen.append(torch.backends.cudnn.benchmark))()
+    assert seen == [True] and torch.backends.cudnn.benchmark == before
+
+    def fails():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        throughput.with_cudnn_benchmark(fails)()
+    assert torch.backends.cudnn.benchmark == before
+
+
 def run_script(*args, timeout=300):
     command = [sys.executable, str(SCRIPT), *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False)
@@ -79,10 +93,11 @@ def test_a_short_run_times_both_layouts_against_diffusers(tmp_path):
     out = tmp_path / "throughput.json"
     done = run_script("--preset", "tiny", "--batch-size", "4", "--rounds", "1", "--train-steps", "1",
                       "--sample-steps", "2", "--memory-formats", "contiguous,channels_last",
-                      "--memory-batch-sizes", "", "--json", str(out))  # fmt: skip
+                      "--cudnn-benchmark", "--memory-batch-sizes", "", "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["complete"] and result["memory_formats"] == ["contiguous", "channels_last"]
+    assert result["cudnn_benchmark"] is True
     assert set(result["precision"]) == {"fp32", "bf16", "bf16, channels_last"}
     for entry in result["precision"].values():
         assert entry["train_images_per_sec"] > 0 and entry["sample_images_per_sec"] > 0
