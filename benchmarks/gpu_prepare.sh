@@ -138,6 +138,8 @@ Run it on the GPU machine with the device tool (at most 530 s of script time, pl
   run(command="bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=540)
 Fewer or other steps, e.g. a second call for the torch.compile timings alone:
   run(command="GPU_SH_STEPS='machine peak throughput_compile' bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=540)
+and the same with cuDNN's benchmark mode on for inkwash's tasks:
+  run(command="GPU_SH_STEPS='machine peak throughput_compile' GPU_SH_COMPILE_ARGS=--cudnn-benchmark bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=540)
 Everything comes back under $OUT: summary.json, pytest.log, junit.xml and steps.tar.gz (every step's log and JSON).
 Check the plumbing here first, on the CPU:  bash benchmarks/gpu.sh --dry-run
 EOF
