@@ -3,9 +3,9 @@
 # installed but no internet: the machine, the chip's matmul peak, benchmarks/throughput.py (inkwash against
 # diffusers, fp32 against bf16, FLOPs and MFU), the tests that run on the GPU, bf16 under torch.compile with
 # CUDA graphs at batch 512 (contiguous and channels_last), then benchmarks/sd_speed.py (Stable Diffusion 1.5's
-# shapes, inkwash against diffusers) with the time left, each step under its own `timeout`, a failed step not stopping the others. Prepare it HERE first with
-# benchmarks/gpu_prepare.sh (wheels and a `git archive` of HEAD in .gpu/), then run it there from the
-# repository root:
+# shapes, inkwash against diffusers) with the time left, each step under its own `timeout`, a failed step not
+# stopping the others. Prepare it HERE first with benchmarks/gpu_prepare.sh (wheels and a `git archive` of HEAD
+# in .gpu/), then run it there from the repository root:
 #
 #   bash benchmarks/gpu.sh             # on the GPU machine (run tool: carry .gpu, timeout_s 540)
 #   bash benchmarks/gpu.sh --dry-run   # here, on the CPU: every step with --device cpu and tiny settings
